@@ -8,12 +8,20 @@ runs is chosen per call by the environment variable INTERN_KERNELS:
            package is imported (that is how CI runs them, slowly, in Triton's interpreter)
     torch  force the torch reference (F.scaled_dot_product_attention, F.layer_norm)
 
-The Triton modules are imported lazily, so a CPU user never pays for (or needs) a GPU toolchain.
+Decorating the Triton kernels needs no GPU, so a CPU user imports them at no cost but ~0.5 s.
 """
 import os
 
 import torch
 import torch.nn.functional as F
+
+# Imported before the functions below are defined, on purpose: importing a submodule binds it as
+# an attribute of this package, so `kernels.attention` (the file) would otherwise shadow
+# `attention()` (the function). Defined afterwards, the function wins, and later imports of
+# kernels.attention find the module in sys.modules and leave the package untouched. Decorating
+# Triton kernels needs no GPU; TRITON_INTERPRET is read here, so set it before this import.
+from . import attention as _attention_kernels  # noqa: E402
+from . import layernorm as _layernorm_kernels  # noqa: E402
 
 MODES = ("auto", "triton", "torch")
 
@@ -76,8 +84,7 @@ def _patch_interpreter_bf16_dot():
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Non-causal softmax attention. q, k, v: (B, H, N, D) -> o: (B, H, N, D). Differentiable."""
     if use_triton(q):
-        from .attention import flash_attention
-        return flash_attention(q, k, v, scale)
+        return _attention_kernels.flash_attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
@@ -85,8 +92,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim of x (..., C) with affine weight/bias (C,). Differentiable."""
     if use_triton(x):
-        from .layernorm import fused_layer_norm
-        return fused_layer_norm(x, weight, bias, eps)
+        return _layernorm_kernels.fused_layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 

@@ -53,3 +53,12 @@ def test_layernorm_module_keeps_torch_state_dict_names():
     assert set(ln.state_dict()) == {"weight", "bias"}
     x = torch.randn(3, 16)
     torch.testing.assert_close(ln(x), torch.nn.functional.layer_norm(x, (16,), ln.weight, ln.bias, 1e-6))
+
+
+def test_importing_the_kernel_files_does_not_shadow_the_functions():
+    import importlib
+    importlib.import_module("kernels.attention")
+    importlib.import_module("kernels.layernorm")
+    from kernels.attention import flash_attention  # noqa: F401  (what bench.py does)
+    assert callable(kernels.attention) and kernels.attention.__module__ == "kernels"
+    assert callable(kernels.layer_norm)
