@@ -1,0 +1,1062 @@
+"""The training engine every stage runs on, and the stage recipes (INTERN's Up-A today).
+
+    python stages.py --stage amateur                     # eva_demo, 150 steps of 32: ~100 s on 2 CPU cores
+    torchrun --nproc_per_node=8 stages.py --stage amateur --arch eva_base_patch16_224 \\
+        --img-size 224 --batch-size 4096 --precision bf16 --zero        # a GPU node
+
+One loop serves every stage. A stage is a small setup function in STAGES that returns a
+`Stage`: its model (an nn.Module that keeps its backbone at `.backbone` and whose
+`forward(batch)` returns `(loss, {name: term})`), its training set (already augmented) and
+an optional end-of-run evaluation. The engine does the rest:
+
+- AdamW with decoupled weight decay (none on norms, biases, tokens, position embeddings),
+  linear warm-up then cosine decay, gradient clipping, autocast (bf16 / fp16 + GradScaler),
+  gradient accumulation;
+- torch.distributed from the torchrun environment: DDP by default, `--zero` =
+  ZeroRedundancyOptimizer (EVA's ZeRO-1), `--fsdp` = FSDP2 `fully_shard` per block then the
+  root; NCCL on CUDA, gloo on CPU; rank 0 logs and saves;
+- its own data order: a seeded permutation per epoch, cut into global batches, each rank
+  taking every world-th sample of a global batch. So global batch k holds the same samples on
+  1 rank or on 8, and `--resume` restarts mid-epoch at exactly the right batch;
+- checkpoints (DESIGN §4.3) written atomically every `--ckpt-every` steps and at the end:
+  model, optimizer, scheduler, grad scaler, every rank's RNG, data position, metrics.
+
+Up-A (DESIGN §5.5, DeCLIP-style): an image tower (any eva.py / metanet.py preset), a small
+transformer over UTF-8 bytes, projections into a joint space. Each sample brings two
+augmented views and two caption variants; the loss is 0.4 * image-text InfoNCE over the
+2 x 2 view x caption pairs + 0.2 * SimSiam between the views + 0.2 * masked-byte prediction.
+Contrastive negatives come from every rank (all-gather with gradient), every other term is
+per sample, so the result does not depend on how the global batch is split over ranks (for
+BN-free backbones: MetaNet's BatchNorm normalises over each rank's share, as DDP always does).
+At the end the run classifies gvd/attr and gvd/shape test images by prompts ("a photo of a
+{class}"), logged as zeroshot_attr / zeroshot_shape with their chance levels. At demo scale
+colour and fill align within ~100 steps (attr ~19 % vs 4 % chance); shape, the hardest cue
+of GV-D-mini, stays near chance for short runs.
+
+Outputs in --out: last.pt (the checkpoint), log.jsonl (one JSON line per logged step, then
+one for the evaluation), summary.json (what bench.py / the pipeline read).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import kernels
+
+STAGE_NAMES = ("amateur", "mim", "expert", "generalist", "hybrid")
+MIN_LR_RATIO = 0.01   # cosine decays to 1 % of the peak lr (EVA: 1e-3 -> 1e-5)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train one stage of the INTERN / EVA pipeline.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stage", default="amateur", choices=STAGE_NAMES)
+    p.add_argument("--task", default=None, choices=["cls", "det", "seg"], help="expert stage only")
+    p.add_argument("--arch", default="eva_demo", help="any preset of eva.py or metanet.py")
+    p.add_argument("--data", default=None,
+                   help="comma-separated data specs (data.py); default: the stage's own")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch, split over ranks")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-4,
+                   help="peak learning rate. ViTs trained from scratch on a contrastive loss "
+                        "collapse above ~5e-4 at batch 32 (every embedding the same, the loss "
+                        "stuck at ln(batch)); metanet_demo (BatchNorm) takes 1e-3")
+    p.add_argument("--wd", type=float, default=0.05, help="decoupled weight decay (AdamW)")
+    p.add_argument("--warmup", type=int, default=15, help="linear warm-up steps")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
+    p.add_argument("--drop-path", type=float, default=0.0, help="backbone stochastic depth")
+    p.add_argument("--out", default=None, help="run folder (default runs/<stage>)")
+    p.add_argument("--init", default=None, help="checkpoint whose backbone initialises ours")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (mim stage)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
+    p.add_argument("--ckpt-every", type=int, default=50, help="also save every N steps (0: end only)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--zero", action="store_true", help="ZeroRedundancyOptimizer (ZeRO-1)")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2: fully_shard each block, then the root")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = get_parser().parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join("runs", args.stage)
+    if args.steps < 1 or args.batch_size < 1 or args.accum < 1:
+        raise ValueError("--steps, --batch-size and --accum must be >= 1")
+    if args.zero and args.fsdp:
+        raise ValueError("--zero and --fsdp are alternatives (FSDP already shards the optimizer "
+                         "state): pick one")
+    return args
+
+
+# ----------------------------------------------------------------------------- backbones
+
+def _backbone_files():
+    import eva
+    import metanet
+    return eva, metanet
+
+
+def valid_archs() -> list:
+    return sorted(a for m in _backbone_files() for a in m.PRESETS)
+
+
+def build_backbone(arch: str, **overrides) -> nn.Module:
+    """Any preset of eva.py or metanet.py, by name; overrides go to that file's build()."""
+    for module in _backbone_files():
+        if arch in module.PRESETS:
+            return module.build(arch, **overrides)
+    raise ValueError(f"unknown --arch {arch!r}; valid archs: {', '.join(valid_archs())}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, unreadable, truncated, foreign or of another stage."""
+
+
+def save_checkpoint(path: str, obj: dict):
+    """Atomic write: a temp file in the same folder, fsync, then os.replace. A crash at any
+    moment leaves either the old checkpoint or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):   # make the rename itself durable (POSIX)
+        dfd = os.open(folder, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+
+
+def load_checkpoint(path: str, expect_stage=None) -> dict:
+    """Read a stage checkpoint with weights_only=True (no arbitrary unpickling).
+    expect_stage: a stage name or a tuple of them; anything else raises CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist: check the path, or run the "
+                              f"stage that writes it first")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): the run that wrote it was "
+                              f"killed; re-run that stage")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled code objects, ...
+        raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); the file is corrupt, truncated or "
+                              f"not a torch checkpoint: re-run the stage that writes it") from e
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path!r} is not a stages.py checkpoint (it needs 'model' and "
+                              f"'config', it has {keys}); plain backbone weights go through "
+                              f"eva.load_pretrained instead")
+    if expect_stage is not None:
+        wanted = (expect_stage,) if isinstance(expect_stage, str) else tuple(expect_stage)
+        stage = ckpt["config"].get("stage")
+        if stage not in wanted:
+            raise CheckpointError(f"{path!r} is a {stage!r} checkpoint, but a "
+                                  f"{' or '.join(map(repr, wanted))} checkpoint was expected")
+    return ckpt
+
+
+def backbone_state(model_state: dict) -> dict:
+    """The `backbone.*` entries of a stage model's state dict, prefix removed."""
+    return {k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")}
+
+
+def load_backbone(path: str):
+    """Rebuild the backbone of any stage checkpoint -> (backbone, config). Eval mode, on CPU."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    backbone = build_backbone(cfg["arch"], img_size=cfg["img_size"], num_classes=0)
+    backbone.load_state_dict(backbone_state(ckpt["model"]))
+    return backbone.eval(), cfg
+
+
+def load_stage_model(path: str, expect_stage=None):
+    """Rebuild a whole stage model (e.g. the amateur as MIM teacher) -> (model, config)."""
+    ckpt = load_checkpoint(path, expect_stage)
+    cfg = ckpt["config"]
+    model = STAGES[cfg["stage"]](argparse.Namespace(**cfg), with_data=False).model
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg
+
+
+# ----------------------------------------------------------------------------- text tower
+
+# Byte-level text: no vocabulary file, any language. ids 0..255 are the UTF-8 bytes.
+PAD, BOS, EOS, MASK = 256, 257, 258, 259
+VOCAB = 260
+TEXT_CONTEXT = 64
+
+
+def encode_text(text: str, context: int = TEXT_CONTEXT) -> torch.Tensor:
+    """str -> (context,) long: BOS, the UTF-8 bytes (truncated), EOS, then PAD. A fixed length
+    keeps every caption's embedding independent of the other captions in its batch."""
+    body = list(text.encode("utf-8"))[: context - 2]
+    ids = [BOS] + body + [EOS] + [PAD] * (context - 2 - len(body))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def mask_bytes(ids: torch.Tensor, rng: np.random.Generator, p: float = 0.15):
+    """BERT-style corruption of one encoded caption -> (input ids, targets with -100 = ignore).
+    At least one byte is masked so every sample carries a text-text loss."""
+    real = ((ids < 256).nonzero().flatten()).numpy()
+    chosen = real[rng.random(len(real)) < p]
+    if len(chosen) == 0 and len(real) > 0:
+        chosen = rng.choice(real, size=1)
+    chosen = torch.as_tensor(chosen, dtype=torch.long)
+    inp, tgt = ids.clone(), torch.full_like(ids, -100)
+    tgt[chosen] = ids[chosen]
+    inp[chosen] = MASK
+    return inp, tgt
+
+
+def _init_linear(m: nn.Linear):
+    nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)   # as eva.py
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+NGRAM_BUCKETS = 4093   # hashed byte bigrams and trigrams, each in a table of this many rows
+
+
+def byte_ngrams(ids: torch.Tensor):
+    """(B, L) byte ids -> hashed ids of the bigram and the trigram that end at each position,
+    both (B, L), the trigrams offset by NGRAM_BUCKETS so one table holds both."""
+    prev1 = F.pad(ids, (1, 0), value=PAD)[:, :-1]                          # (B, L) byte t-1
+    prev2 = F.pad(ids, (2, 0), value=PAD)[:, :-2]                          # (B, L) byte t-2
+    bi = (prev1 * VOCAB + ids) % NGRAM_BUCKETS
+    tri = ((prev2 * VOCAB + prev1) * VOCAB + ids) % NGRAM_BUCKETS + NGRAM_BUCKETS
+    return bi, tri
+
+
+class TextTower(nn.Module):
+    """A small bidirectional transformer over byte tokens (EVA's block; no causal mask).
+
+    Each byte enters as its own embedding + hashed embeddings of the bigram and trigram ending
+    at it (CANINE / fastText style): a byte alone says almost nothing, so without them the
+    mean of a fresh tower's outputs is nearly the same for every caption (English letter
+    frequencies) and contrastive training stalls for hundreds of steps. The caption's
+    embedding is the mean of its non-PAD outputs (a per-sample op); per-token outputs feed
+    masked-byte prediction. PAD tokens take part in attention like any other: they are
+    constant, so the model learns to ignore them, and kernels.attention needs no mask.
+    """
+
+    def __init__(self, width: int = 128, depth: int = 2, num_heads: int = 4,
+                 context: int = TEXT_CONTEXT):
+        super().__init__()
+        from eva import Block
+        self.context = context
+        self.token_embed = nn.Embedding(VOCAB, width)
+        self.ngram_embed = nn.Embedding(2 * NGRAM_BUCKETS, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context, width))
+        self.blocks = nn.ModuleList([Block(width, num_heads, 4 * width, 0.0) for _ in range(depth)])
+        self.norm = kernels.LayerNorm(width, eps=1e-6)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.ngram_embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                _init_linear(m)
+
+    def block_list(self) -> list:
+        return list(self.blocks)
+
+    def forward(self, ids: torch.Tensor):
+        """ids (B, L) -> (pooled (B, C), tokens (B, L, C)), after the final norm."""
+        bi, tri = byte_ngrams(ids)
+        x = self.token_embed(ids) + self.ngram_embed(bi) + self.ngram_embed(tri)   # (B, L, C)
+        x = x + self.pos_embed[:, : ids.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        keep = (ids != PAD).unsqueeze(-1).to(x.dtype)                             # (B, L, 1)
+        return (x * keep).sum(1) / keep.sum(1), x
+
+
+# ----------------------------------------------------------------------------- Up-A model
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends every rank the gradient of its own slice, summed over
+    the ranks that used it. With DDP's gradient averaging on top, each rank's parameters get
+    exactly the gradient of the mean over ranks of the per-rank losses, i.e. the gradient of
+    the global-batch loss (what large-batch CLIP training computes)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)                                        # (world * b, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)                  # every rank's d(loss_r)/d(gathered), summed
+        b = grad.shape[0] // dist.get_world_size()
+        r = dist.get_rank()
+        return grad[r * b:(r + 1) * b]
+
+
+def gather_all(x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) on each rank -> (world * b, ...) in rank order, differentiable; identity alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return GatherWithGrad.apply(x)
+
+
+def _mlp(dims: list, last_norm: bool) -> nn.Sequential:
+    """Linear -> LayerNorm -> GELU stacks. LayerNorm instead of SimSiam's BatchNorm: it keeps
+    every sample's output independent of the batch, so rank count cannot change the result."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(a, b))
+        if not last:
+            layers += [kernels.LayerNorm(b), nn.GELU()]
+        elif last_norm:
+            layers.append(kernels.LayerNorm(b))
+    return nn.Sequential(*layers)
+
+
+class Amateur(nn.Module):
+    """Up-A: image tower + text tower + joint space, three kinds of supervision.
+
+    batch: view1, view2 (b, 3, H, W) two augmentations of an image; tokens (b, L) its caption;
+    tokens2 (b, L) a variant of the caption with ~15 % of its bytes masked, and mlm_targets
+    (b, L) the masked bytes (-100 elsewhere). tokens2 serves both the image-text loss (as the
+    augmented caption) and the masked-byte loss, so the text tower runs twice, not three times.
+    """
+    WEIGHTS = {"clip": 0.4, "simsiam": 0.2, "mlm": 0.2}   # DESIGN §5.5 (DeCLIP's weights)
+
+    def __init__(self, backbone: nn.Module, embed_dim: int = 128, text_width: int = 128,
+                 text_depth: int = 2, ssl_dim: int = 256):
+        super().__init__()
+        self.backbone = backbone
+        self.text = TextTower(text_width, text_depth)
+        nf = backbone.num_features
+        self.img_proj = nn.Linear(nf, embed_dim, bias=False)
+        self.txt_proj = nn.Linear(text_width, embed_dim, bias=False)
+        # log of CLIP's 1/0.07; shape (1,) rather than a scalar, which FSDP2 cannot shard
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.projector = _mlp([nf, ssl_dim, ssl_dim, ssl_dim], last_norm=True)
+        self.predictor = _mlp([ssl_dim, ssl_dim // 4, ssl_dim], last_norm=False)
+        self.mlm_head = nn.Linear(text_width, VOCAB)
+        for m in [self.img_proj, self.txt_proj, self.mlm_head, *self.projector, *self.predictor]:
+            if isinstance(m, nn.Linear):
+                _init_linear(m)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> unit vectors (B, D) in the joint space."""
+        return F.normalize(self.img_proj(self.backbone(images)).float(), dim=-1)
+
+    def encode_text(self, texts: list) -> torch.Tensor:
+        """list of B str -> unit vectors (B, D) in the joint space."""
+        ids = torch.stack([encode_text(t, self.text.context) for t in texts])
+        ids = ids.to(self.logit_scale.device)
+        return F.normalize(self.txt_proj(self.text(ids)[0]).float(), dim=-1)
+
+    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D, h, w): per-location features in the joint space (the image-text
+        aligned targets an EVA student regresses in the mim stage)."""
+        fmap = self.backbone.forward_patches(images)                      # (B, C, h, w)
+        return torch.einsum("bchw,dc->bdhw", fmap, self.img_proj.weight)
+
+    def forward(self, batch: dict):
+        b = batch["view1"].shape[0]
+        feats = self.backbone(torch.cat([batch["view1"], batch["view2"]]))       # (2b, F)
+        ids = torch.cat([batch["tokens"], batch["tokens2"]])                     # (2b, L)
+        txt_pooled, txt_tokens = self.text(ids)                                  # (2b, C), (2b, L, C)
+        # the heads and losses are small: run them in fp32 whatever the towers' autocast
+        with torch.autocast(feats.device.type, enabled=False):
+            feats, txt_pooled, txt_tokens = feats.float(), txt_pooled.float(), txt_tokens.float()
+            return self._losses(b, batch, feats, txt_pooled, txt_tokens)
+
+    def _losses(self, b, batch, feats, txt_pooled, txt_tokens):
+        # image-text InfoNCE over view x caption, negatives from every rank
+        img = F.normalize(self.img_proj(feats), dim=-1)                          # (2b, D)
+        txt = F.normalize(self.txt_proj(txt_pooled), dim=-1)                     # (2b, D)
+        local = torch.stack([*img.chunk(2), *txt.chunk(2)], dim=1)               # (b, 4, D)
+        every = gather_all(local)                                                # (G, 4, D)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        labels = torch.arange(b, device=img.device) + rank * b   # my samples' rows in `every`
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()[0]
+        clip = 0.0
+        for v in (0, 1):
+            for c in (2, 3):
+                i2t = scale * local[:, v] @ every[:, c].T                        # (b, G)
+                t2i = scale * local[:, c] @ every[:, v].T                        # (b, G)
+                clip = clip + (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 8
+
+        # image-image: SimSiam, symmetric negative cosine with stop-gradient on the target
+        z = self.projector(feats)                                                # (2b, S)
+        p = self.predictor(z)
+        z1, z2 = z.chunk(2)
+        p1, p2 = p.chunk(2)
+        simsiam = -(F.cosine_similarity(p1, z2.detach()).mean()
+                    + F.cosine_similarity(p2, z1.detach()).mean()) / 2
+
+        # text-text: masked-byte prediction, averaged per caption, then over captions
+        logits = self.mlm_head(txt_tokens[b:])                                   # (b, L, V)
+        tgt = batch["mlm_targets"]
+        ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="none")
+        n = (tgt != -100).sum(1).clamp(min=1)
+        mlm = (ce.sum(1) / n).mean()
+
+        terms = {"clip": clip, "simsiam": simsiam, "mlm": mlm}
+        loss = sum(self.WEIGHTS[k] * v for k, v in terms.items())
+        terms["logit_scale"] = scale.detach()
+        return loss, terms
+
+
+# ----------------------------------------------------------------------------- stage recipes
+
+@dataclass
+class Stage:
+    model: nn.Module                   # .backbone; forward(batch) -> (loss, {name: term})
+    train_set: object = None           # map-style dataset of augmented samples (has set_epoch)
+    evaluate: Callable = None          # evaluate(plain_model, args, device) -> {metric: value}
+    images_per_sample: int = 1         # images the tower sees per sample (for images/s)
+
+
+def caption_of(sample: dict, classes) -> str:
+    """A caption for any sample: its own, or one made from its class name."""
+    if "caption" in sample:
+        return sample["caption"]
+    return f"a photo of a {classes[int(sample['label'])]}"
+
+
+class _AmateurAugment:
+    """Per-sample augmentation (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, classes):
+        self.classes = classes
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        import data
+        img = sample["image"]
+        caption = caption_of(sample, self.classes)
+        # the second caption is a word-level variant with some bytes masked: it is the
+        # augmented caption of the image-text loss and, at once, the masked-byte task's input
+        tokens2, mlm_targets = mask_bytes(encode_text(data.caption_variant(caption, rng)), rng)
+        return {"view1": data.random_resized_crop_flip(img, rng, scale=(0.35, 1.0)),
+                "view2": data.random_resized_crop_flip(img, rng, scale=(0.35, 1.0)),
+                "tokens": encode_text(caption), "tokens2": tokens2, "mlm_targets": mlm_targets}
+
+
+def _sources(specs: list, split: str, img_size: int, tasks: tuple):
+    """The named sources (data.py's default seed: --seed varies the training, not the data)."""
+    import data
+    parts = []
+    for spec in specs:
+        ds = data.build_dataset(spec, split, img_size=img_size)
+        if ds.task not in tasks:
+            raise ValueError(f"--data {spec} is a {ds.task!r} source; this stage takes "
+                             f"{' / '.join(tasks)} sources (e.g. gvd/caption, gvd/shape)")
+        parts.append(ds)
+    return parts
+
+
+def setup_amateur(args, with_data: bool = True) -> Stage:
+    if getattr(args, "teacher", None):
+        raise ValueError("--teacher is for --stage mim; the amateur stage has no teacher")
+    # same initial weights on every rank and every run; the global RNG is left untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        backbone = build_backbone(args.arch, img_size=args.img_size, num_classes=0,
+                                  drop_path_rate=args.drop_path)
+        model = Amateur(backbone)
+    if not with_data:
+        return Stage(model)
+    import data
+    specs = (args.data or "gvd/caption").split(",")
+    parts = _sources(specs, "train", args.img_size, ("caption", "cls"))
+    augmented = [data.Augmented(ds, _AmateurAugment(getattr(ds, "classes", None)), args.seed)
+                 for ds in parts]
+    train_set = augmented[0] if len(augmented) == 1 else _ConcatEpochs(augmented)
+    return Stage(model, train_set, evaluate_amateur, images_per_sample=2)
+
+
+class _ConcatEpochs(torch.utils.data.ConcatDataset):
+    """ConcatDataset that forwards set_epoch to its parts."""
+
+    def set_epoch(self, epoch: int):
+        for d in self.datasets:
+            d.set_epoch(epoch)
+
+
+@torch.no_grad()
+def zero_shot(model: Amateur, spec: str = "gvd/shape", split: str = "test", img_size: int = 64,
+              device="cpu", template: str = "a photo of a {}", batch_size: int = 256) -> dict:
+    """Classify a labelled source by caption prompts, one per class: the evidence that
+    image-text alignment emerged. -> {"acc", "mean_class_acc", "chance"}."""
+    import data
+    ds = data.build_dataset(spec, split, img_size=img_size)
+    was_training = model.training
+    model.eval()
+    text = model.encode_text([template.format(c) for c in ds.classes])              # (K, D)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=data.collate)
+    preds, labels = [], []
+    for batch in loader:
+        img = model.encode_image(batch["image"].to(device))                        # (B, D)
+        preds.append((img @ text.T).argmax(1).cpu())
+        labels.append(torch.as_tensor(batch["label"]).cpu())
+    model.train(was_training)
+    preds, labels = torch.cat(preds), torch.cat(labels)
+    per_class = [(preds[labels == k] == k).float().mean().item()
+                 for k in range(len(ds.classes)) if (labels == k).any()]
+    return {"acc": (preds == labels).float().mean().item(), "mean_class_acc": float(np.mean(per_class)),
+            "chance": 1.0 / len(ds.classes)}
+
+
+# (source, prompt template): the shape of the front object (10 classes; what the issue asks
+# for, and slow to emerge at demo scale: shape is the hardest cue in GV-D-mini) and its fill +
+# colour (24 classes; aligned within a few hundred CPU steps).
+ZERO_SHOT = {"shape": ("gvd/shape", "a photo of a {}"), "attr": ("gvd/attr", "a photo of a {} shape")}
+
+
+def evaluate_amateur(model: Amateur, args, device) -> dict:
+    out = {}
+    for name, (spec, template) in ZERO_SHOT.items():
+        r = zero_shot(model, spec, "test", args.img_size, device, template)
+        out[f"zeroshot_{name}"], out[f"zeroshot_{name}_chance"] = r["acc"], r["chance"]
+    return out
+
+
+def _not_yet(name: str, what: str):
+    def setup(args, with_data: bool = True):
+        raise NotImplementedError(f"--stage {name} is not implemented yet ({what}); "
+                                  f"today stages.py runs --stage amateur")
+    return setup
+
+
+STAGES = {
+    "amateur": setup_amateur,
+    "mim": _not_yet("mim", "EVA student regressing the --teacher's patch features, DESIGN §5.2"),
+    "expert": _not_yet("expert", "one backbone per --task cls|det|seg, DESIGN §5.6"),
+    "generalist": _not_yet("generalist", "experts joined by KTMs, DESIGN §5.4"),
+    "hybrid": _not_yet("hybrid", "multi-label + pixel MIM + contrastive in one stage, seed 003"),
+}
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed():
+    """From torchrun's environment: (rank, world, device). Starts the process group once."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if distributed():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "logit_scale")
+
+
+def param_groups(model: nn.Module, wd: float) -> list:
+    """AdamW groups: decay matrices and conv kernels; spare norms, biases, tokens, position
+    embeddings and the logit scale (decaying them shrinks what should stay free)."""
+    skip = set(getattr(model.backbone, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.split(".")[-1]
+        bb_name = name[len("backbone."):] if name.startswith("backbone.") else None
+        if p.ndim <= 1 or leaf in NO_DECAY_NAMES or bb_name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine to MIN_LR_RATIO at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Run:
+    """Everything one training run holds: model (wrapped for DDP / FSDP), the plain module,
+    optimizer, scheduler, scaler, data order. Built by build_run(); driven by train()."""
+
+    def __init__(self, args, rank, world, device, stage, model, raw, optimizer, scheduler, scaler):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.stage, self.model, self.raw = stage, model, raw
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        n = len(stage.train_set) if stage.train_set is not None else 0
+        self.steps_per_epoch = n // args.batch_size
+
+    @property
+    def mode(self) -> str:
+        if self.args.fsdp or self.args.zero:
+            return "fsdp" if self.args.fsdp else "zero"
+        return "ddp" if distributed() else "single"
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def build_run(args, resume_state: dict | None = None) -> Run:
+    """Stage + model (+ weights to resume or init from) + wrapping + optimizer + schedule."""
+    rank, world, device = init_distributed()
+    if (args.zero or args.fsdp) and not distributed():
+        raise ValueError("--zero / --fsdp shard over ranks: launch with torchrun "
+                         "(e.g. torchrun --nproc_per_node=2 stages.py ...)")
+    if args.batch_size % (args.accum * world):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by --accum x ranks "
+                         f"= {args.accum} x {world}")
+    stage = STAGES[args.stage](args)
+    raw = stage.model
+    if stage.train_set is not None and len(stage.train_set) < args.batch_size:
+        raise ValueError(f"--data has {len(stage.train_set)} training samples, fewer than one "
+                         f"global batch of {args.batch_size}: lower --batch-size")
+    if resume_state is not None:
+        raw.load_state_dict(resume_state["model"])
+    elif args.init:
+        init_backbone(raw, args)
+    if args.grad_ckpt:
+        raw.backbone.set_grad_checkpointing(True)
+    raw.to(device)
+
+    model = raw
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        # every tower that lists its residual blocks (backbone, text tower, ...): one FSDP unit
+        # per block, so only one block's full weights exist at a time; the rest is the root's
+        towers = [m for m in raw.modules() if callable(getattr(m, "block_list", None))]
+        for blk in [b for t in towers for b in t.block_list()]:
+            fully_shard(blk, mesh=mesh)
+        fully_shard(raw, mesh=mesh)
+    elif distributed():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+
+    groups = param_groups(raw, args.wd)
+    adam = dict(lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    if args.zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam)
+    else:
+        optimizer = torch.optim.AdamW(groups, **adam)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup, args.steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    run = Run(args, rank, world, device, stage, model, raw, optimizer, scheduler, scaler)
+    if resume_state is not None:
+        load_optimizer_state(run, resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+    return run
+
+
+def init_backbone(raw: nn.Module, args):
+    ckpt = load_checkpoint(args.init)
+    if ckpt["config"]["arch"] != args.arch:
+        raise ValueError(f"--init {args.init} holds a {ckpt['config']['arch']} backbone but "
+                         f"--arch is {args.arch}: use the same --arch")
+    try:
+        raw.backbone.load_state_dict(backbone_state(ckpt["model"]))
+    except RuntimeError as e:
+        raise ValueError(f"--init {args.init}: backbone weights do not fit ({e}); was it trained "
+                         f"at another --img-size?") from e
+
+
+def model_state(run: Run) -> dict:
+    """Full, unwrapped state dict on CPU (collective under FSDP; every rank must call it)."""
+    if run.args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(run.raw, options=StateDictOptions(full_state_dict=True,
+                                                                      cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in run.raw.state_dict().items()}
+
+
+def optimizer_state(run: Run) -> dict:
+    """Full optimizer state on rank 0 (collective under ZeRO and FSDP)."""
+    if run.args.zero:
+        run.optimizer.consolidate_state_dict(to=0)
+        return run.optimizer.state_dict() if run.rank == 0 else {}
+    if run.args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(run.raw, run.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    return run.optimizer.state_dict()
+
+
+def load_optimizer_state(run: Run, state: dict):
+    if run.args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(run.raw, run.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        run.optimizer.load_state_dict(state)
+
+
+def rng_state(run: Run) -> list:
+    """Every rank's RNG states as plain Python lists (rank 0 gets the list of all ranks)."""
+    np_state = np.random.get_state()
+    mine = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state(run.device).tolist()
+    if not distributed():
+        return [mine]
+    every = [None] * run.world
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def set_rng_state(run: Run, states: list):
+    if len(states) != run.world:
+        print(f"[stages] checkpoint has RNG states of {len(states)} ranks, this run has "
+              f"{run.world}: reseeding (the run stays valid, not bit-identical)", file=sys.stderr)
+        torch.manual_seed(run.args.seed + 1000 * run.rank + 1)
+        return
+    s = states[run.rank]
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = s["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8), run.device)
+
+
+def make_checkpoint(run: Run, step: int, metrics: dict) -> dict:
+    """Collective: every rank calls it; rank 0 gets the full dict (others get None)."""
+    model, optim, rngs = model_state(run), optimizer_state(run), rng_state(run)
+    if run.rank != 0:
+        return None
+    config = dict(vars(run.args), world_size=run.world, mode=run.mode)
+    return {"model": model, "config": config, "step": step, "optimizer": optim,
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "rng": rngs, "metrics": metrics,
+            "data": {"epoch": step // max(1, run.steps_per_epoch),
+                     "batch_in_epoch": step % max(1, run.steps_per_epoch)}}
+
+
+# ----------------------------------------------------------------------------- data order
+
+def batches(run: Run, start_step: int):
+    """Yield, for each optimizer step from start_step on, its `accum` per-rank micro-batches.
+    Epoch e's order is a permutation seeded by (seed, e); global micro-batch j takes
+    perm[j*M:(j+1)*M] (M = batch / accum) and rank r keeps every world-th of those, so the
+    set of samples in a global batch is the same for any number of ranks."""
+    import data
+    args, ds = run.args, run.stage.train_set
+    M = args.batch_size // args.accum
+    step = start_step
+    while True:
+        epoch, first = divmod(step, run.steps_per_epoch)
+        ds.set_epoch(epoch)
+        g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        perm = torch.randperm(len(ds), generator=g)
+        per_epoch = run.steps_per_epoch * args.accum
+        chunks = perm[: per_epoch * M].view(per_epoch, M)[:, run.rank::run.world]   # (J, M/world)
+        # its own generator: a DataLoader otherwise draws its workers' base seed from the global
+        # RNG, which would make a resumed run's drop-path masks differ from an uninterrupted one
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=chunks[first * args.accum:].tolist(),
+                                             collate_fn=data.collate, num_workers=args.workers,
+                                             pin_memory=run.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(epoch))
+        micro = []
+        for batch in loader:
+            micro.append(batch)
+            if len(micro) == args.accum:
+                yield micro
+                micro = []
+                step += 1
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(run: Run, micro_batches: list) -> dict:
+    """One optimizer step over `accum` micro-batches -> the global mean of every loss term.
+    Raises TrainingDiverged (before touching the weights) if the loss is not finite."""
+    args, model = run.args, run.model
+    names, sums = None, None
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext()
+        if not last and isinstance(model, nn.parallel.DistributedDataParallel):
+            sync = model.no_sync()                 # reduce gradients once, on the last micro-batch
+        elif args.fsdp:
+            model.set_requires_gradient_sync(last)
+        with sync:
+            with run.autocast():
+                loss, terms = model(to_device(batch, run.device))
+            run.scaler.scale(loss / len(micro_batches)).backward()
+        vals = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()])
+        names = ["loss"] + list(terms)
+        sums = vals if sums is None else sums + vals
+    means = sums / len(micro_batches)
+    if distributed():                              # also tells every rank about a NaN anywhere
+        dist.all_reduce(means)
+        means /= run.world
+    out = dict(zip(names, means.tolist()))
+    if not math.isfinite(out["loss"]):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(out)
+    run.scaler.unscale_(run.optimizer)
+    if args.clip_grad > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.clip_grad)
+        out["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    out["lr"] = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    return out
+
+
+def eval_model(run: Run) -> nn.Module:
+    """A plain (unsharded, unwrapped) model to evaluate on rank 0."""
+    if not run.args.fsdp:
+        return run.raw
+    state = model_state(run)                       # collective
+    if run.rank != 0:
+        return None
+    model = STAGES[run.args.stage](run.args, with_data=False).model
+    model.load_state_dict(state)
+    return model.to(run.device)
+
+
+# ----------------------------------------------------------------------------- training
+
+def _rewrite_log(path: str, upto: int):
+    """On resume, drop log lines past the checkpoint: the resumed run logs them again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [(line, json.loads(line)) for line in f if line.strip()]
+    keep = [line for line, r in records if "loss" in r and r["step"] <= upto]   # no eval lines
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def train(args, stop_at: int | None = None) -> dict:
+    """Run (or resume) one stage. stop_at: leave after that step, as a preempted job would.
+    Returns the final metrics (rank 0; other ranks get {})."""
+    rank, world, device = init_distributed()
+    ckpt_path = os.path.join(args.out, "last.pt")
+    log_path = os.path.join(args.out, "log.jsonl")
+    resume_state = None
+    if os.path.exists(ckpt_path):
+        if not args.resume:
+            raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, or "
+                             f"choose another --out (nothing is overwritten)")
+        resume_state = load_checkpoint(ckpt_path, expect_stage=args.stage)
+        old = resume_state["config"]
+        for key in ("arch", "img_size", "batch_size", "seed", "accum"):
+            if old.get(key) != getattr(args, key):
+                raise ValueError(f"--resume: {ckpt_path} was trained with --{key.replace('_', '-')} "
+                                 f"{old.get(key)}, this command says {getattr(args, key)}")
+    elif args.resume and rank == 0:
+        print(f"[stages] --resume: no {ckpt_path} yet, starting from step 0")
+    start = resume_state["step"] if resume_state else 0
+    metrics = dict(resume_state["metrics"]) if resume_state else {}
+    if start >= args.steps:
+        if rank == 0:
+            print(f"[stages] {ckpt_path} is already at step {start} of {args.steps}: nothing to do")
+        return metrics if rank == 0 else {}
+    run = build_run(args, resume_state)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if resume_state:
+            _rewrite_log(log_path, start)
+        else:
+            open(log_path, "w").close()
+    if resume_state:
+        set_rng_state(run, resume_state["rng"])
+    else:
+        torch.manual_seed(args.seed + 1000 * rank + 1)   # per-rank stream for drop path etc.
+
+    t_start = t_log = time.time()
+    first_loss, seen, last_saved = None, 0, start
+    bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True,
+               desc=f"{args.stage} {args.arch}")
+    step = start
+    for micro in batches(run, start):
+        try:
+            terms = train_step(run, micro)
+        except TrainingDiverged as e:
+            bar.close()
+            raise TrainingDiverged(
+                f"loss is not finite at step {step + 1}: {e.args[0]}. {ckpt_path} still holds "
+                f"step {last_saved}" + (" (no checkpoint yet)" if last_saved == 0 else "") +
+                f". To continue: rerun with --resume and a lower --lr (e.g. {args.lr / 2:g}), "
+                f"and/or --precision fp32") from None
+        step += 1
+        seen += args.batch_size * run.stage.images_per_sample
+        first_loss = terms["loss"] if first_loss is None else first_loss
+        metrics.update(terms)
+        bar.update(1)
+        bar.set_postfix(loss=f"{terms['loss']:.4f}")
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.time()
+            terms["images_per_s"] = seen / max(now - t_log, 1e-9)
+            seen, t_log = 0, now
+            if rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, **terms}) + "\n")
+        done = step == args.steps
+        if done and not args.no_eval and run.stage.evaluate is not None:
+            plain = eval_model(run)
+            if rank == 0:
+                ev = run.stage.evaluate(plain, args, device)
+                metrics.update(ev)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, **ev}) + "\n")
+            barrier()
+        if done or (args.ckpt_every and step % args.ckpt_every == 0) or step == stop_at:
+            ckpt = make_checkpoint(run, step, metrics)
+            if rank == 0:
+                save_checkpoint(ckpt_path, ckpt)
+            last_saved = step
+            barrier()
+        if done or step == stop_at:
+            break
+    bar.close()
+    wall = time.time() - t_start
+    if rank == 0 and step == args.steps:
+        summary = {"stage": args.stage, "arch": args.arch, "steps": step, "wall_s": wall,
+                   "world_size": world, "first_loss": first_loss, **metrics}
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        zs = "".join(f", zero-shot {k[9:]} {100 * v:.1f} % (chance {100 * metrics[k + '_chance']:.1f} %)"
+                     for k, v in metrics.items() if k.startswith("zeroshot_") and not k.endswith("_chance"))
+        print(f"[stages] {args.stage} {args.arch}: {step - start} steps in {wall:.1f} s on {world} "
+              f"rank(s), loss {first_loss:.4f} -> {metrics['loss']:.4f}{zs}; saved {ckpt_path}")
+    return metrics if rank == 0 else {}
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def step_benchmark(args_list: list, steps: int = 10, warmup: int = 2) -> dict:
+    """Build a stage from CLI arguments and time `steps` training steps after `warmup`, writing
+    no files. -> images_per_s (views the image tower sees), samples_per_s, step_s,
+    peak_mem_bytes (CUDA: max allocated; CPU: the process's peak RSS), mfu (CUDA bf16/fp16 on a
+    known GPU, else None)."""
+    args = parse_args(list(args_list) + ["--no-eval"])
+    run = build_run(args)
+    it = batches(run, 0)
+    for _ in range(warmup):
+        train_step(run, next(it))
+    cuda = run.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(run.device)
+        torch.cuda.reset_peak_memory_stats(run.device)
+    # data loading is part of a step: what a user waits for
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(run, next(it))
+    if cuda:
+        torch.cuda.synchronize(run.device)
+    dt = (time.perf_counter() - t0) / steps
+    peak = (torch.cuda.max_memory_allocated(run.device) if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    mfu = None
+    if cuda and args.precision != "fp32":
+        from torch.utils.flop_counter import FlopCounterMode
+        peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items()
+                           if k in torch.cuda.get_device_name(run.device)), None)
+        if peak_flops:
+            with FlopCounterMode(display=False) as counter:
+                train_step(run, next(it))
+            mfu = counter.get_total_flops() / dt / peak_flops      # per rank: flops of one step
+    return {"images_per_s": args.batch_size * run.stage.images_per_sample / dt,
+            "samples_per_s": args.batch_size / dt, "step_s": dt, "peak_mem_bytes": int(peak),
+            "mfu": mfu}
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense, per GPU
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        train(args)
+        code = 0
+    except (ValueError, CheckpointError, TrainingDiverged, NotImplementedError) as e:
+        if not distributed() or dist.get_rank() == 0:
+            print(f"[stages] error: {e}", file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if distributed():
+        # gloo's teardown at interpreter exit aborts in a few percent of runs (DESIGN §6):
+        # leave the group explicitly, flush, then exit without running destructors.
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
