@@ -187,6 +187,7 @@ def run_probe(models: dict, specs, percents, img_size=64, steps=150, grid=None, 
     """models: name -> backbone spec (see load_backbone). Returns the list of table rows.
     max_train / max_test cap every split (the CPU demo uses them to stay within its time goal)."""
     grid = grid or [(1e-3, 1e-4), (1e-2, 1e-4)]
+    backbones = {name: load_backbone(spec) for name, spec in models.items()}   # a bad file fails fast
     datasets = {s: (capped(data.build_dataset(s, "train", img_size, seed), max_train),
                     capped(data.build_dataset(s, "test", img_size, seed), max_test)) for s in specs}
     for s, (train_set, _) in datasets.items():
@@ -194,9 +195,8 @@ def run_probe(models: dict, specs, percents, img_size=64, steps=150, grid=None, 
             raise ValueError(f"{s}: task {train_set.task!r} has no probe; probe tasks are {sorted(SELECT)}")
     splits = {s: (Split(tr, f"render {s} train"), Split(te, f"render {s} test")) for s, (tr, te) in datasets.items()}
     rows = []
-    for name, spec in models.items():
+    for name, backbone in backbones.items():
         t0 = time.time()
-        backbone = load_backbone(spec)
         per_percent = {p: {} for p in percents}
         for s, (train_set, test_set) in datasets.items():
             task = train_set.task
@@ -332,8 +332,12 @@ def main(argv=None):
     percents = [int(x) if float(x).is_integer() else x for x in args.percent]
     grid = [(lr, wd) for lr in args.lr for wd in args.wd]
     os.makedirs(args.out, exist_ok=True)
-    rows = run_probe(models, args.data.split(","), percents, args.img_size, args.steps, grid, args.seed,
-                     viz_dir=os.path.join(args.out, "viz"), max_train=args.max_train, max_test=args.max_test)
+    import stages
+    try:
+        rows = run_probe(models, args.data.split(","), percents, args.img_size, args.steps, grid, args.seed,
+                         viz_dir=os.path.join(args.out, "viz"), max_train=args.max_train, max_test=args.max_test)
+    except (stages.CheckpointError, ValueError) as e:   # bad checkpoint, spec, size: say it, no traceback
+        raise SystemExit(f"probe.py: {e}")
     with open(os.path.join(args.out, "gvb.json"), "w") as f:
         json.dump({"rows": rows, "config": vars(args)}, f, indent=1)
     table = markdown(rows)

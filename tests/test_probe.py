@@ -130,3 +130,11 @@ def test_bad_ckpt_argument_is_a_clear_error(tmp_path):
         probe.parse_models(["nonsense"])
     with pytest.raises(SystemExit, match="no such file"):
         probe.parse_models([f"a={tmp_path}/missing.pt"])
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"\x80\x02not really a checkpoint")
+    with pytest.raises(SystemExit, match="broken.pt"):
+        probe.main(["--ckpt", f"x={bad}", "--data", "gvb/count", "--max-train", "8", "--max-test", "4",
+                    "--out", str(tmp_path / "out")])
