@@ -218,6 +218,36 @@ def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
 
 
 # ---------------------------------------------------------------------------------------------
+# Work model for `bench.py plan`: the bytes a call moves through HBM on a GPU
+
+def cost(M: int, C: int, dtype: torch.dtype = torch.bfloat16, param_dtype: torch.dtype = torch.float32,
+         sms: int = 132) -> dict:
+    """HBM bytes of one forward and one backward over M rows of width C (weight and bias given),
+    each kernel reading its inputs and writing its outputs once, on a GPU with `sms` SMs
+    (132 = H100 SXM). LayerNorm does ~10 FLOPs per byte less than the H100's ~300 FLOP/byte
+    ridge point, so these bytes are its whole cost model.
+
+    bytes_fwd: x -> y, plus mean and rstd (fp32 per row) and the parameters.
+    bytes_bwd: x, dy, mean, rstd, weight -> dx, plus the (G, C) fp32 dweight / dbias partials
+        written by the G programs and read back by the host-side sum.
+    min_bytes_fwd / min_bytes_bwd: the unavoidable part, x -> y and x, dy -> dx (what the
+        usual GB/s figures, and bench.py kernels, count).
+    """
+    e, p = torch.finfo(dtype).bits // 8, torch.finfo(param_dtype).bits // 8
+    rows = _bwd_tile(C)[1]
+    n_tiles = triton.cdiv(M, rows)
+    rows_per_prog = triton.cdiv(n_tiles, min(n_tiles, 4 * sms)) * rows  # as the backward splits them
+    G = triton.cdiv(M, rows_per_prog)
+    row_stats = 2 * M * 4                                       # mean and rstd, fp32
+    return {
+        "programs_bwd": G,
+        "min_bytes_fwd": 2 * M * C * e, "min_bytes_bwd": 3 * M * C * e,
+        "bytes_fwd": 2 * M * C * e + row_stats + 2 * C * p,
+        "bytes_bwd": 3 * M * C * e + row_stats + C * p + 2 * (2 * G * C * 4) + 2 * C * p,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # sm_90 (H100) compile check without a GPU
 
 _TL_NAMES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16",

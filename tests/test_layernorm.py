@@ -243,6 +243,24 @@ def test_dispatch_layernorm_module_triton_equals_torch(monkeypatch):
         torch.testing.assert_close(t, r, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("M,C", [(50, 1408), (333, 40)])
+def test_cost_counts_what_the_kernels_allocate(monkeypatch, M, C):
+    """bytes = x, y (fwd) / x, dy, dx (bwd) + fp32 row stats + params + the (G, C) partials, with
+    G the number of programs the backward really launches (CPU: 8 = 4 per SM of a 2-SM GPU)."""
+    shapes = []
+    monkeypatch.setattr(ln, "_empty", lambda shape, **kw: shapes.append(tuple(shape)) or torch.empty(shape, **kw))
+    x, w, b, dy = make_inputs((M, C), torch.bfloat16, torch.float32, 3)
+    run_kernel(x, w, b, dy, 1e-6)
+    G = shapes[-1][0]                                            # rows of the dbias partials
+    assert shapes[-2:] == [(G, C), (G, C)]
+    c = ln.cost(M, C, torch.bfloat16, torch.float32, sms=2)
+    assert c["programs_bwd"] == G
+    assert c["bytes_fwd"] == 2 * M * C * 2 + 8 * M + 2 * C * 4
+    assert c["bytes_bwd"] == 3 * M * C * 2 + 8 * M + 3 * C * 4 + 4 * G * C * 4
+    # ViT-g, B = 32 on an H100: 8224 rows, <= 4 x 132 programs -> 16 rows each -> 514 programs
+    assert ln.cost(8224, 1408)["programs_bwd"] == 514
+
+
 def test_sm90_compile_no_spills():
     """Compile fwd and bwd for H100 (sm_90a) with Triton's bundled ptxas, in a fresh process
     (the kernels must not be interpreter functions there). Skips only without the toolchain."""
