@@ -111,10 +111,10 @@ def bench_attention(B, H, N, D, dtype, device, reps):
         with torch.no_grad():
             ms = bench_ms(run, device, reps=reps)
         rows.append([name, f"B{B} H{H} N{N} D{D} {str(dtype)[6:]}", "fwd", f"{ms:.3f}",
-                     f"{fwd_flops / ms / 1e9:.1f}"])
+                     f"{fwd_flops / ms / 1e9:.3f}"])
         ms = bench_ms(lambda: run().backward(do), device, reps=reps)
         rows.append([name, f"B{B} H{H} N{N} D{D} {str(dtype)[6:]}", "fwd+bwd", f"{ms:.3f}",
-                     f"{both_flops / ms / 1e9:.1f}"])
+                     f"{both_flops / ms / 1e9:.3f}"])
     return rows
 
 
@@ -135,15 +135,15 @@ def bench_layernorm(M, C, dtype, device, reps):
     for name, run in impls:
         with torch.no_grad():
             ms = bench_ms(run, device, reps=reps)
-        rows.append([name, f"{M}x{C} {str(dtype)[6:]}", "fwd", f"{ms:.3f}", f"{fwd_bytes / ms / 1e6:.0f}"])
+        rows.append([name, f"{M}x{C} {str(dtype)[6:]}", "fwd", f"{ms:.3f}", f"{fwd_bytes / ms / 1e6:.2f}"])
         y = run()
         ms = bench_ms(lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True), device, reps=reps)
-        rows.append([name, f"{M}x{C} {str(dtype)[6:]}", "bwd", f"{ms:.3f}", f"{bwd_bytes / ms / 1e6:.0f}"])
+        rows.append([name, f"{M}x{C} {str(dtype)[6:]}", "bwd", f"{ms:.3f}", f"{bwd_bytes / ms / 1e6:.2f}"])
     big = torch.empty(256 * 2**20 // elt if device.type == "cuda" else 16 * 2**20 // elt, device=device, dtype=dtype)
     src = torch.randn_like(big)
     ms = bench_ms(lambda: big.copy_(src), device, reps=reps)
     rows.append(["copy (bandwidth ref)", f"{big.numel() * elt // 2**20} MiB", "copy", f"{ms:.3f}",
-                 f"{2 * big.numel() * elt / ms / 1e6:.0f}"])
+                 f"{2 * big.numel() * elt / ms / 1e6:.2f}"])
     return rows
 
 
