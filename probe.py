@@ -125,8 +125,14 @@ def fit_head(task, num_classes, feats: Features, idx: torch.Tensor, lr: float, w
     torch.manual_seed(seed)
     channels, strides, num_features = feats.geometry
     head = tasks.build_head(task, channels, strides, num_features, num_classes)
+    if task == "depth":
+        # start at the subset's mean log depth, as a classifier's bias may start at the log prior:
+        # otherwise a short fit spends its steps walking the bias from 1 m to the scene's scale
+        depth = feats.targets["depth"][idx]
+        with torch.no_grad():
+            head.proj[0].bias.fill_(depth[depth > 0].log().mean().item())
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
-    batch_size = batch_size if task == "cls" else batch_size // 2   # dense heads: costlier steps
+    batch_size = batch_size if task == "cls" else batch_size // 4   # dense heads: ~30x costlier steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     g = torch.Generator().manual_seed(seed)
     order = idx[torch.randperm(len(idx), generator=g)]
