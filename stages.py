@@ -1,6 +1,10 @@
-"""The training engine every stage runs on, and the stage recipes (INTERN's Up-A today).
+"""The training engine every stage runs on, and the stage recipes (Up-A, MIM, Up-E, Up-G).
 
     python stages.py --stage amateur                     # eva_demo, 150 steps of 32: ~100 s on 2 CPU cores
+    python stages.py --stage mim --teacher runs/amateur/last.pt
+    python stages.py --stage expert --task det --init runs/mim/last.pt      # cls | det | seg
+    python stages.py --stage generalist --main cls \
+        --experts cls=runs/expert_cls/last.pt,det=runs/expert_det/last.pt,seg=runs/expert_seg/last.pt
     torchrun --nproc_per_node=8 stages.py --stage amateur --arch eva_base_patch16_224 \\
         --img-size 224 --batch-size 4096 --precision bf16 --zero        # a GPU node
 
@@ -33,6 +37,26 @@ At the end the run classifies gvd/attr and gvd/shape test images by prompts ("a 
 colour and fill align within ~100 steps (attr ~19 % vs 4 % chance); shape, the hardest cue
 of GV-D-mini, stays near chance for short runs.
 
+MIM (DESIGN §5.2): an EVA student with a mask token regresses the amateur image tower's
+patch features (after its image-text projection) at ~40 % block-masked patches; -cos loss over
+the nominal masked count (split-invariant); masks and crops come from each sample's own RNG.
+The teacher is frozen: no optimizer state, no FSDP sharding. load_backbone() turns the student
+into a plain 'avg' backbone (final norm -> fc_norm, mask token dropped) for experts and probes.
+
+Up-E (DESIGN §5.6): a backbone (from --init: amateur or mim; none = supervised from scratch)
+and one tasks.py head per source (cls: gvd/shape + gvd/attr, two label spaces; det: gvd/det;
+seg: gvd/seg). Batches mix the sources at random; see TaskModel for how losses add up. At the
+end each source's test metric (top-1 / AP50 / mIoU) goes to metrics as "SOURCE METRIC".
+
+Up-G (DESIGN §5.4): the experts rebuilt from their files, frozen, joined by ktm.Generalist
+(main stream = --main); the KTMs and every expert's heads (started from the experts') train
+on the sum of all the experts' task losses. The checkpoint rebuilds from itself alone, and
+load_backbone() returns the Generalist (a backbone by the same contract) for probe.py.
+
+--reuse: an OUT/last.pt that is a complete run of the same options is kept (exit 0); one of
+other options is an error naming them. Derived facts (teacher_arch, num_classes, the experts'
+configs) are written into the config.
+
 Outputs in --out: last.pt (the checkpoint), log.jsonl (one JSON line per logged step, then
 one for the evaluation), summary.json (what bench.py / the pipeline read).
 """
@@ -57,6 +81,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import kernels
+import ktm
+import mim
+import tasks
 
 STAGE_NAMES = ("amateur", "mim", "expert", "generalist", "hybrid")
 MIN_LR_RATIO = 0.01   # cosine decays to 1 % of the peak lr (EVA: 1e-3 -> 1e-5)
@@ -76,18 +103,29 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split over ranks")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-4,
-                   help="peak learning rate. ViTs trained from scratch on a contrastive loss "
-                        "collapse above ~5e-4 at batch 32 (every embedding the same, the loss "
-                        "stuck at ln(batch)); metanet_demo (BatchNorm) takes 1e-3")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate; default: the stage's (STAGE_DEFAULTS). ViTs trained "
+                        "from scratch on a contrastive loss collapse above ~5e-4 at batch 32 (every "
+                        "embedding the same, the loss stuck at ln(batch)); metanet_demo takes 1e-3")
     p.add_argument("--wd", type=float, default=0.05, help="decoupled weight decay (AdamW)")
     p.add_argument("--warmup", type=int, default=15, help="linear warm-up steps")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
+    p.add_argument("--clip-grad", type=float, default=None,
+                   help="max grad norm (0 = off); default: the stage's (STAGE_DEFAULTS)")
     p.add_argument("--drop-path", type=float, default=0.0, help="backbone stochastic depth")
     p.add_argument("--out", default=None, help="run folder (default runs/<stage>)")
     p.add_argument("--init", default=None, help="checkpoint whose backbone initialises ours")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (mim stage)")
+    p.add_argument("--teacher", default=None, help="mim: the amateur checkpoint whose image tower "
+                   "gives the regression targets")
+    p.add_argument("--mask-ratio", type=float, default=0.4, help="mim: share of patches masked")
+    p.add_argument("--experts", default=None, metavar="TASK=CKPT,...",
+                   help="generalist: the expert checkpoints, e.g. cls=runs/expert_cls/last.pt,det=...")
+    p.add_argument("--main", default="cls", help="generalist: the expert whose stream is the output")
+    p.add_argument("--train-main", action="store_true", help="generalist: also train the main stream")
+    p.add_argument("--ktm-init", default="all", choices=["all", "last"],
+                   help="generalist: KTM zero-init (ktm.py); 'all' is the released code's")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
+    p.add_argument("--reuse", action="store_true",
+                   help="if OUT/last.pt is a complete run of this very config, keep it and exit")
     p.add_argument("--ckpt-every", type=int, default=50, help="also save every N steps (0: end only)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -100,10 +138,34 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+# --lr / --clip-grad when not given, for the demo (batch 32, 150 steps, CPU). mim: EVA's clip 3.0;
+# EVA's lr 1e-3 is at batch 4096, but a 150-step demo needs far more (3e-4 .. 3e-3 end alike)
+STAGE_DEFAULTS = {
+    "amateur": dict(lr=2e-4, clip_grad=1.0),
+    "mim": dict(lr=1e-3, clip_grad=3.0),
+    "expert": dict(lr=5e-4, clip_grad=1.0),
+    "generalist": dict(lr=1e-3, clip_grad=1.0),
+    "hybrid": dict(lr=2e-4, clip_grad=1.0),
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     args = get_parser().parse_args(argv)
+    for key, value in STAGE_DEFAULTS[args.stage].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.out is None:
-        args.out = os.path.join("runs", args.stage)
+        args.out = os.path.join("runs", args.stage if args.stage != "expert" or not args.task
+                                else f"expert_{args.task}")
+    if args.stage == "generalist":
+        # the generalist's geometry is its main expert's: --arch / --img-size follow the files
+        experts = parse_experts(args.experts, args.main)
+        cfgs = {n: load_checkpoint(p, expect_stage="expert")["config"] for n, p in experts.items()}
+        sizes = {n: c["img_size"] for n, c in cfgs.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"--experts were trained at different --img-size {sizes}: a generalist "
+                             f"runs them on the same image; retrain them at one size")
+        args.arch, args.img_size = cfgs[args.main]["arch"], cfgs[args.main]["img_size"]
     if args.steps < 1 or args.batch_size < 1 or args.accum < 1:
         raise ValueError("--steps, --batch-size and --accum must be >= 1")
     if args.zero and args.fsdp:
@@ -194,12 +256,28 @@ def backbone_state(model_state: dict) -> dict:
     return {k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")}
 
 
+def fit_backbone_state(state: dict, backbone: nn.Module) -> dict:
+    """A stage's backbone weights (prefix removed) -> the names of a plain `backbone`, by
+    eva.load_pretrained's rules: a MIM student's `mask_token` is dropped and its final `norm`
+    (cls-token pooling, applied to every token) becomes the `fc_norm` of an 'avg' backbone."""
+    own = backbone.state_dict()
+    sd = {k: v for k, v in state.items() if k != "mask_token" or k in own}
+    if "norm.weight" in sd and "norm.weight" not in own and "fc_norm.weight" in own:
+        for s in ("weight", "bias"):
+            sd[f"fc_norm.{s}"] = sd.pop(f"norm.{s}")
+    return sd
+
+
 def load_backbone(path: str):
-    """Rebuild the backbone of any stage checkpoint -> (backbone, config). Eval mode, on CPU."""
+    """Rebuild the backbone of any stage checkpoint -> (backbone, config). Eval mode, on CPU.
+    A generalist checkpoint gives its ktm.Generalist (a backbone by the same contract)."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
+    if cfg["stage"] == "generalist":
+        model, cfg = load_stage_model(path)
+        return model.backbone.eval(), cfg
     backbone = build_backbone(cfg["arch"], img_size=cfg["img_size"], num_classes=0)
-    backbone.load_state_dict(backbone_state(ckpt["model"]))
+    backbone.load_state_dict(fit_backbone_state(backbone_state(ckpt["model"]), backbone))
     return backbone.eval(), cfg
 
 
@@ -553,18 +631,276 @@ def evaluate_amateur(model: Amateur, args, device) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- MIM (EVA)
+
+class MIMStage(mim.MIMModel):
+    """The mim stage's model (mim.MIMModel: `backbone.*`, `lm_head.*`, frozen `teacher.*`)
+    with the engine's forward(batch) -> (loss, terms)."""
+
+    def __init__(self, backbone, target_dim: int, teacher: mim.Teacher, num_masked: int):
+        super().__init__(backbone, target_dim, teacher)
+        self.num_masked = num_masked
+
+    def forward(self, batch: dict):
+        images, mask = batch["image"], batch["mask"]                  # (b, 3, H, W), (b, N)
+        # the nominal count, not mask.sum(): every masked patch then weighs the same however
+        # the global batch is split over ranks and micro-batches (mim.mim_loss)
+        return self.forward_loss(images, mask, denom=images.shape[0] * self.num_masked)
+
+
+class _MaskAugment:
+    """MIM sample: crop + flip (the teacher sees these same pixels) and a block mask, both from
+    Augmented's per-sample rng: masks depend on (seed, epoch, index) only, not on the rank."""
+
+    def __init__(self, grid: tuple, num_masked: int):
+        self.grid, self.num_masked = grid, num_masked
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        import data
+        image = data.random_resized_crop_flip(sample["image"], rng, scale=(0.4, 1.0))
+        mask = mim.block_mask(*self.grid, self.num_masked, rng)                 # (h, w) bool
+        return {"image": image, "mask": torch.from_numpy(mask.reshape(-1))}      # mask (N,)
+
+
+def setup_mim(args, with_data: bool = True) -> Stage:
+    import eva
+    if args.arch not in eva.PRESETS:
+        raise ValueError(f"the mim student is an EVA ViT (it needs a mask token): --arch one of "
+                         f"{', '.join(sorted(eva.PRESETS))}")
+    if getattr(args, "teacher_arch", None) and not with_data:
+        # rebuilding a saved run: the teacher's weights come with the checkpoint
+        tower = build_backbone(args.teacher_arch, img_size=args.img_size, num_classes=0)
+        proj = nn.Linear(tower.num_features, args.teacher_dim, bias=False)
+    else:
+        if not args.teacher:
+            raise ValueError("--stage mim needs --teacher AMATEUR.pt (the image-text aligned tower "
+                             "whose patch features the student regresses): run --stage amateur first")
+        amateur, tcfg = load_stage_model(args.teacher, expect_stage="amateur")
+        if tcfg["img_size"] != args.img_size:
+            raise ValueError(f"--teacher {args.teacher} was trained at --img-size {tcfg['img_size']}, "
+                             f"this run says {args.img_size}: use the same size")
+        tower, proj = amateur.backbone, amateur.img_proj
+        args.teacher_arch, args.teacher_dim = tcfg["arch"], proj.out_features   # -> the config
+    with torch.random.fork_rng(devices=[]):              # student and lm_head: same on every rank
+        torch.manual_seed(args.seed)
+        student = eva.build(args.arch, img_size=args.img_size, use_mask_token=True,
+                            global_pool="token", drop_path_rate=args.drop_path)   # as mim.build_student
+        grid = (args.img_size // student.patch_size,) * 2
+        num_masked = mim.num_masked_for(*grid, args.mask_ratio)
+        teacher = mim.Teacher(tower, proj, patch_size=student.patch_size)
+        model = MIMStage(student, teacher.out_dim, teacher, num_masked)
+    if not with_data:
+        return Stage(model)
+    import data
+    parts = _sources((args.data or "gvd/caption").split(","), "train", args.img_size, ("caption", "cls"))
+    augmented = [data.Augmented(ds, _MaskAugment(grid, num_masked), args.seed) for ds in parts]
+    train_set = augmented[0] if len(augmented) == 1 else _ConcatEpochs(augmented)
+    return Stage(model, train_set, evaluate_mim)
+
+
+@torch.no_grad()
+def evaluate_mim(model: MIMStage, args, device, n: int = 256) -> dict:
+    """-cos at the masked patches of the first source's first n test images (fixed masks), and
+    test_loss_mean_target: the same for a student that always predicts the mean teacher feature
+    (the trivial solution a short run must beat)."""
+    import data
+    ds = data.build_dataset((args.data or "gvd/caption").split(",")[0], "test", img_size=args.img_size)
+    images = data.normalize(torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])).to(device)
+    grid = args.img_size // model.backbone.patch_size
+    masks = mim.masks_for_indices(grid, model.num_masked, args.seed, 0, range(len(images))).to(device)
+    was = model.training
+    model.eval()
+    loss, terms = model.forward_loss(images, masks)
+    model.train(was)
+    target = model.teacher(images)                                           # (n, N, D_t)
+    trivial = mim.mim_loss(target.mean((0, 1)).expand_as(target), target, masks)
+    return {"test_loss": loss.item(), "test_loss_mean_target": trivial.item(),
+            "test_cos_visible": terms["cos_visible"].item()}
+
+
+# ----------------------------------------------------------------------------- experts (Up-E)
+
+EXPERT_SOURCES = {"cls": "gvd/shape,gvd/attr", "det": "gvd/det", "seg": "gvd/seg"}
+TASK_KEYS = {"cls": ("label",), "det": ("boxes", "box_labels"), "seg": ("seg",)}
+
+
+def head_key(spec: str) -> str:
+    return spec.replace(".", "_")          # module names cannot hold '.' (real-data paths do)
+
+
+class TaskModel(nn.Module):
+    """A backbone + one task head per source: an expert, or with a ktm.Generalist backbone Up-G.
+
+    batch: image (b, 3, H, W), source (b,) index into `sources`, and the targets of each source.
+    The backbone runs once on the whole batch; each source's rows go through its own head. Source
+    s adds S * n_s / b * loss_s (S sources, n_s of the b rows): the plain sum of the per-source
+    losses when the sources are balanced, and for per-sample losses (classification) the same
+    gradient however the global batch is cut into ranks and micro-batches. A source absent from a
+    micro-batch still touches its head (x 0), so DDP sees every trainable parameter used.
+    """
+
+    def __init__(self, backbone: nn.Module, heads: tasks.MultiHead, sources: list):
+        super().__init__()
+        self.backbone, self.heads, self.sources = backbone, heads, list(sources)
+
+    def forward(self, batch: dict):
+        levels, pooled = self.backbone.forward_levels(batch["image"])  # 4 x (b, C, h, w), (b, F)
+        b, S = batch["image"].shape[0], len(self.sources)
+        loss, terms = 0.0, {}
+        for s, spec in enumerate(self.sources):
+            rows = (batch["source"] == s).nonzero().flatten()
+            head = self.heads[head_key(spec)]
+            out = head([f[rows] for f in levels], pooled[rows])
+            if len(rows):
+                sub = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
+                term = head.loss(out, sub)[0]
+            else:
+                parts = out.values() if isinstance(out, dict) else [out]
+                term = sum(o.sum() for o in parts) * 0.0
+            loss = loss + term * (S * len(rows) / b)
+            terms[f"loss_{spec}"] = term.detach()
+        return loss, terms
+
+
+def _placeholder(key: str, H: int, W: int) -> torch.Tensor:
+    """An empty target for a key this sample's task lacks (its source's head never reads it)."""
+    return {"label": lambda: torch.tensor(-1), "seg": lambda: torch.full((H, W), 255),
+            "boxes": lambda: torch.zeros(0, 4), "box_labels": lambda: torch.zeros(0, dtype=torch.long),
+            }[key]()
+
+
+class _TaskAugment:
+    """Keep the image and the task's targets, tag the source, give the other tasks of the run
+    placeholders (so samples of different tasks collate into one batch). cls: flip only (a crop
+    can cut the labelled object out); det / seg: crop + flip, boxes and masks follow the pixels."""
+
+    def __init__(self, task: str, source: int, run_tasks: tuple):
+        self.task, self.source, self.run_tasks = task, source, run_tasks
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        import data
+        keep = {k: sample[k] for k in ("image",) + TASK_KEYS[self.task]}
+        crop = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0)) if self.task == "cls" else dict(scale=(0.5, 1.0))
+        out = data.crop_flip_sample(keep, rng, **crop)
+        H, W = out["image"].shape[-2:]
+        for key in (k for t in self.run_tasks for k in TASK_KEYS[t] if k not in out):
+            out[key] = _placeholder(key, H, W)
+        out["source"] = torch.tensor(self.source)
+        return out
+
+
+def _task_train_set(specs: list, task_of: list, args):
+    """Every source's training set, augmented and tagged with its index; batches mix sources
+    (and, for the generalist, tasks) in proportion to their sizes."""
+    import data
+    parts = []
+    for i, (spec, task) in enumerate(zip(specs, task_of)):
+        ds = _sources([spec], "train", args.img_size, (task,))[0]
+        parts.append(data.Augmented(ds, _TaskAugment(task, i, tuple(dict.fromkeys(task_of))), args.seed))
+    return parts[0] if len(parts) == 1 else _ConcatEpochs(parts)
+
+
+def setup_expert(args, with_data: bool = True) -> Stage:
+    if args.task is None:
+        raise ValueError("--stage expert needs --task, one of cls / det / seg")
+    specs = (args.data or EXPERT_SOURCES[args.task]).split(",")
+    if with_data or not getattr(args, "num_classes", None):
+        parts = _sources(specs, "train", args.img_size, (args.task,))
+        args.num_classes = {spec: ds.num_classes for spec, ds in zip(specs, parts)}   # -> config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        backbone = build_backbone(args.arch, img_size=args.img_size, num_classes=0,
+                                  drop_path_rate=args.drop_path)
+        heads = tasks.MultiHead({head_key(s): tasks.head_for(args.task, backbone, args.num_classes[s])
+                                 for s in specs})
+    model = TaskModel(backbone, heads, specs)
+    if not with_data:
+        return Stage(model)
+    return Stage(model, _task_train_set(specs, [args.task] * len(specs), args), evaluate_tasks)
+
+
+@torch.no_grad()
+def evaluate_tasks(model: TaskModel, args, device, batch_size: int = 100) -> dict:
+    """Each source's task metric on its whole test split -> {"SOURCE METRIC": value}."""
+    import data
+    was = model.training
+    model.eval()
+    out = {}
+    for spec in model.sources:
+        head = model.heads[head_key(spec)]
+        ds = data.build_dataset(spec, "test", img_size=args.img_size)
+        outputs, batches_ = [], []
+        for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=data.collate):
+            levels, pooled = model.backbone.forward_levels(batch["image"].to(device))
+            outputs.append(head(levels, pooled))
+            batches_.append(to_device(batch, device))
+        out.update({f"{spec} {k}": v for k, v in tasks.evaluate(head.task, head, outputs, batches_).items()})
+    model.train(was)
+    return out
+
+
+# ----------------------------------------------------------------------------- generalist (Up-G)
+
+def parse_experts(spec: str, main: str) -> dict:
+    """'cls=a.pt,det=b.pt' -> {"cls": "a.pt", "det": "b.pt"} (in this order)."""
+    if not spec:
+        raise ValueError("--stage generalist needs --experts TASK=CKPT,... (e.g. cls=runs/expert_cls/"
+                         "last.pt,det=runs/expert_det/last.pt)")
+    experts = {}
+    for item in spec.split(","):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in experts or "." in name:
+            raise ValueError(f"--experts item {item!r}: write NAME=CKPT, names unique and without '.'")
+        experts[name] = path
+    if main not in experts:
+        raise ValueError(f"--main {main!r} is not one of the --experts {list(experts)}")
+    return experts
+
+
+def setup_generalist(args, with_data: bool = True) -> Stage:
+    experts = parse_experts(args.experts, args.main)
+    if getattr(args, "expert_configs", None) and not with_data:
+        # rebuilding a saved run: the experts' structures from their configs, weights from ours
+        models = {n: setup_expert(argparse.Namespace(**cfg), with_data=False).model
+                  for n, cfg in args.expert_configs.items()}
+    else:
+        loaded = {n: load_stage_model(p, expect_stage="expert") for n, p in experts.items()}
+        models = {n: m for n, (m, _) in loaded.items()}
+        args.expert_configs = {n: c for n, (_, c) in loaded.items()}             # -> the config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        gen = ktm.Generalist(models[args.main].backbone,
+                             aux={n: m.backbone for n, m in models.items() if n != args.main},
+                             train_main=args.train_main, main_name=args.main, zero_init=args.ktm_init)
+    # every expert's heads, initialised from that expert, now read the generalist's output
+    heads, specs, task_of = tasks.MultiHead(), [], []
+    for m in models.values():
+        for spec in m.sources:
+            if spec in specs:
+                raise ValueError(f"two --experts train on {spec}: give each source to one expert")
+            heads[head_key(spec)] = m.heads[head_key(spec)]
+            specs.append(spec)
+            task_of.append(m.heads[head_key(spec)].task)
+    heads.requires_grad_(True)
+    args.generalist = gen.config()
+    model = TaskModel(gen, heads, specs)
+    if not with_data:
+        return Stage(model)
+    return Stage(model, _task_train_set(specs, task_of, args), evaluate_tasks)
+
+
 def _not_yet(name: str, what: str):
     def setup(args, with_data: bool = True):
         raise NotImplementedError(f"--stage {name} is not implemented yet ({what}); "
-                                  f"today stages.py runs --stage amateur")
+                                  f"today stages.py runs amateur, mim, expert, generalist")
     return setup
 
 
 STAGES = {
     "amateur": setup_amateur,
-    "mim": _not_yet("mim", "EVA student regressing the --teacher's patch features, DESIGN §5.2"),
-    "expert": _not_yet("expert", "one backbone per --task cls|det|seg, DESIGN §5.6"),
-    "generalist": _not_yet("generalist", "experts joined by KTMs, DESIGN §5.4"),
+    "mim": setup_mim,
+    "expert": setup_expert,
+    "generalist": setup_generalist,
     "hybrid": _not_yet("hybrid", "multi-label + pixel MIM + contrastive in one stage, seed 003"),
 }
 
@@ -685,10 +1021,15 @@ def build_run(args, resume_state: dict | None = None) -> Run:
         mesh = init_device_mesh(device.type, (world,))
         # every tower that lists its residual blocks (backbone, text tower, ...): one FSDP unit
         # per block, so only one block's full weights exist at a time; the rest is the root's
+        # frozen parameters (the MIM teacher, frozen experts) are neither sharded nor optimised:
+        # every rank keeps its full copy, as under DDP
+        frozen = {p for p in raw.parameters() if not p.requires_grad}
         towers = [m for m in raw.modules() if callable(getattr(m, "block_list", None))]
-        for blk in [b for t in towers for b in t.block_list()]:
+        blocks = {id(b): b for t in towers for b in t.block_list()
+                  if not any(p in frozen for p in b.parameters())}
+        for blk in blocks.values():
             fully_shard(blk, mesh=mesh)
-        fully_shard(raw, mesh=mesh)
+        fully_shard(raw, mesh=mesh, ignored_params=frozen or None)
     elif distributed():
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
@@ -717,7 +1058,7 @@ def init_backbone(raw: nn.Module, args):
         raise ValueError(f"--init {args.init} holds a {ckpt['config']['arch']} backbone but "
                          f"--arch is {args.arch}: use the same --arch")
     try:
-        raw.backbone.load_state_dict(backbone_state(ckpt["model"]))
+        raw.backbone.load_state_dict(fit_backbone_state(backbone_state(ckpt["model"]), raw.backbone))
     except RuntimeError as e:
         raise ValueError(f"--init {args.init}: backbone weights do not fit ({e}); was it trained "
                          f"at another --img-size?") from e
@@ -897,6 +1238,34 @@ def _rewrite_log(path: str, upto: int):
         f.writelines(keep)
 
 
+REUSE_IGNORES = ("out", "resume", "reuse", "workers")
+
+
+def config_diff(args, config: dict) -> list:
+    """The command-line options on which a saved config and `args` disagree (derived entries such
+    as teacher_arch or num_classes follow from the options; --out/--resume/--reuse/--workers do
+    not change the result)."""
+    keys = [k for k in vars(get_parser().parse_args([])) if k not in REUSE_IGNORES]
+    return [k for k in keys if config.get(k) != getattr(args, k)]
+
+
+def reuse_checkpoint(args, ckpt_path: str) -> bool:
+    """--reuse: True when ckpt_path is a complete run of this config (nothing to do); False when
+    it is an unfinished run of it (the caller resumes); a ValueError when the configs differ."""
+    ckpt = load_checkpoint(ckpt_path, expect_stage=args.stage)
+    diff = config_diff(args, ckpt["config"])
+    if diff:
+        what = ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)!r} -> {getattr(args, k)!r}"
+                         for k in diff)
+        raise ValueError(f"--reuse: {ckpt_path} was trained with another config ({what}); choose a "
+                         f"new --out, or delete that file to retrain (nothing was overwritten)")
+    if ckpt["step"] != args.steps:
+        return False
+    if not distributed() or dist.get_rank() == 0:
+        print(f"[stages] reusing {ckpt_path} (same config, complete)")
+    return True
+
+
 def train(args, stop_at: int | None = None) -> dict:
     """Run (or resume) one stage. stop_at: leave after that step, as a preempted job would.
     Returns the final metrics (rank 0; other ranks get {})."""
@@ -904,8 +1273,10 @@ def train(args, stop_at: int | None = None) -> dict:
     ckpt_path = os.path.join(args.out, "last.pt")
     log_path = os.path.join(args.out, "log.jsonl")
     resume_state = None
+    if args.reuse and os.path.exists(ckpt_path) and reuse_checkpoint(args, ckpt_path):
+        return dict(load_checkpoint(ckpt_path)["metrics"]) if rank == 0 else {}
     if os.path.exists(ckpt_path):
-        if not args.resume:
+        if not (args.resume or args.reuse):
             raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, or "
                              f"choose another --out (nothing is overwritten)")
         resume_state = load_checkpoint(ckpt_path, expect_stage=args.stage)

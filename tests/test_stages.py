@@ -281,8 +281,14 @@ def test_bad_input_errors(tmp_path):
         stages.build_run(stages.parse_args(tiny(tmp_path, "--batch-size", "7", "--accum", "2")))
     with pytest.raises(ValueError, match="torchrun"):
         stages.build_run(stages.parse_args(tiny(tmp_path, "--zero")))
-    with pytest.raises(NotImplementedError, match="mim"):
+    with pytest.raises(ValueError, match="--teacher"):
         stages.STAGES["mim"](stages.parse_args(tiny(tmp_path, "--stage", "mim")))
+    with pytest.raises(NotImplementedError, match="hybrid"):
+        stages.STAGES["hybrid"](stages.parse_args(tiny(tmp_path, "--stage", "hybrid")))
+    with pytest.raises(ValueError, match="--task"):
+        stages.STAGES["expert"](stages.parse_args(tiny(tmp_path, "--stage", "expert")))
+    with pytest.raises(ValueError, match="--main"):
+        stages.parse_experts("det=a.pt", "cls")
     with pytest.raises(ValueError, match="caption"):
         stages.build_run(stages.parse_args(tiny(tmp_path, "--data", "gvd/det")))
     assert stages.main(tiny(tmp_path, "--arch", "vit_nope")) == 1
@@ -321,19 +327,172 @@ def test_amateur_learns_image_text_alignment(tmp_path):
 
 # ----------------------------------------------------------------------------- 2 ranks (gloo)
 
+# ----------------------------------------------------------------------------- mim, experts, generalist
+
+def chain_args(stage, out, *extra):
+    """A tiny run of any stage (32 px, batch 8) for the chain tests."""
+    return ["--stage", stage, "--arch", "eva_demo", "--img-size", "32", "--batch-size", "8",
+            "--warmup", "1", "--log-every", "1", "--ckpt-every", "0", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """amateur -> mim -> experts cls / det / seg, each a few steps: the checkpoints the later
+    stages and tests start from."""
+    root = tmp_path_factory.mktemp("chain")
+    paths = {"amateur": root / "amateur", "mim": root / "mim"}
+    stages.train(stages.parse_args(chain_args("amateur", paths["amateur"], "--steps", "2", "--no-eval")))
+    stages.train(stages.parse_args(chain_args("mim", paths["mim"], "--steps", "8", "--teacher",
+                                              str(paths["amateur"] / "last.pt"))))
+    for task in ("cls", "det", "seg"):
+        paths[task] = root / f"expert_{task}"
+        stages.train(stages.parse_args(chain_args("expert", paths[task], "--task", task, "--steps", "2",
+                                                  "--init", str(paths["mim"] / "last.pt"))))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def test_mim_stage_learns_and_loads_as_backbone(chain):
+    log = [json.loads(line) for line in open(os.path.join(chain["mim"], "log.jsonl"))]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05
+    assert math.isfinite(log[-1]["test_loss"])
+    ck = stages.load_checkpoint(os.path.join(chain["mim"], "last.pt"), expect_stage="mim")
+    assert ck["config"]["teacher_arch"] == "eva_demo" and ck["config"]["mask_ratio"] == 0.4
+    # the teacher is the amateur's image tower, untouched by training and not in the optimizer
+    amateur = params(chain["amateur"])
+    for k, v in stages.backbone_state(amateur).items():
+        assert torch.equal(ck["model"]["teacher.backbone." + k], v)
+    assert torch.equal(ck["model"]["teacher.proj.weight"], amateur["img_proj.weight"])
+    trainable = [k for k in ck["model"] if not k.startswith("teacher.")]
+    assert len(ck["optimizer"]["state"]) == len(trainable)
+    # as a plain backbone: the student's final norm becomes fc_norm, mask token dropped, and the
+    # per-patch features equal the student's normed patch tokens
+    backbone, _ = stages.load_backbone(os.path.join(chain["mim"], "last.pt"))
+    student = stages.load_stage_model(os.path.join(chain["mim"], "last.pt"))[0].backbone
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = student.forward_tokens(x)[:, 1:]                                  # (2, 16, C)
+        got = backbone.forward_patches(x).flatten(2).transpose(1, 2)             # (2, 16, C)
+    assert getattr(backbone, "mask_token", None) is None and "mask_token" not in backbone.state_dict()
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_mim_masks_are_per_sample():
+    """Item i's mask is a function of (seed, epoch, i): any rank or batch order gets the same."""
+    args = stages.parse_args(chain_args("mim", "unused", "--steps", "1"))
+    aug = stages._MaskAugment((4, 4), 6)
+    import data
+    ds = data.Augmented([{"image": torch.rand(3, 32, 32)} for _ in range(5)], aug, args.seed)
+    a = [ds[i]["mask"] for i in (4, 0, 2)]
+    b = [ds[i]["mask"] for i in (0, 2, 4)]
+    assert torch.equal(a[0], b[2]) and torch.equal(a[1], b[0])
+    assert all(m.shape == (16,) and 0 < m.sum() <= 6 for m in b)
+    assert not all(torch.equal(b[0], m) for m in b[1:])
+
+
+def test_experts_report_their_metric(chain):
+    keys = {"cls": ["gvd/shape top1", "gvd/attr top1"], "det": ["gvd/det AP50"], "seg": ["gvd/seg mIoU"]}
+    for task, wanted in keys.items():
+        summary = json.load(open(os.path.join(chain[task], "summary.json")))
+        for k in wanted:
+            assert 0.0 <= summary[k] <= 1.0, (task, k)
+        ck = stages.load_checkpoint(os.path.join(chain[task], "last.pt"), expect_stage="expert")
+        assert ck["config"]["task"] == task and ck["config"]["init"] == chain["mim"] + "/last.pt"
+        assert set(ck["config"]["num_classes"]) == {k.split()[0] for k in wanted}
+        assert any(k.startswith("heads.") for k in ck["model"])
+    # independent check of the cls metric: plain argmax accuracy over the whole test split
+    import data
+    model, cfg = stages.load_stage_model(os.path.join(chain["cls"], "last.pt"))
+    ds = data.build_dataset("gvd/attr", "test", img_size=32)
+    batch = data.collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        logits = model.heads["gvd/attr"].fc(model.backbone(batch["image"]))
+    top1 = (logits.argmax(1) == batch["label"]).float().mean().item()
+    summary = json.load(open(os.path.join(chain["cls"], "summary.json")))
+    assert top1 == pytest.approx(summary["gvd/attr top1"], abs=1e-6)
+    # the expert started from the MIM student (fc_norm = the student's final norm)
+    init = stages.load_backbone(chain["mim"] + "/last.pt")[0].state_dict()
+    run = stages.build_run(stages.parse_args(chain_args("expert", "unused", "--task", "seg", "--steps", "1",
+                                                        "--init", chain["mim"] + "/last.pt")))
+    got = run.raw.backbone.state_dict()
+    assert init.keys() == got.keys() and all(torch.equal(init[k], got[k]) for k in init)
+
+
+def test_generalist_starts_as_main_expert_and_roundtrips(chain, tmp_path):
+    experts = ",".join(f"{t}={chain[t]}/last.pt" for t in ("cls", "det", "seg"))
+    args = stages.parse_args(chain_args("generalist", tmp_path / "g", "--experts", experts, "--steps", "2"))
+    model = stages.setup_generalist(args, with_data=False).model.eval()
+    main = stages.load_stage_model(chain["cls"] + "/last.pt")[0].eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        (lv_g, pooled_g), (lv_e, pooled_e) = model.backbone.forward_levels(x), main.backbone.forward_levels(x)
+    assert torch.equal(pooled_g, pooled_e) and all(torch.equal(a, b) for a, b in zip(lv_g, lv_e))
+    assert len(model.heads) == 4                     # shape, attr (cls), det, seg
+    stages.train(args)
+    path = str(tmp_path / "g" / "last.pt")
+    ck = stages.load_checkpoint(path, expect_stage="generalist")
+    cfg = ck["config"]
+    assert cfg["generalist"]["main"] == "cls" and cfg["generalist"]["aux"] == ["det", "seg"]
+    assert {n: c["task"] for n, c in cfg["expert_configs"].items()} == {"cls": "cls", "det": "det", "seg": "seg"}
+    sd = ck["model"]
+    # experts frozen: main and aux streams are the experts' backbones; the KTMs moved off zero
+    for name in ("cls", "det", "seg"):
+        prefix = "backbone.main." if name == "cls" else f"backbone.aux.{name}."
+        for k, v in stages.backbone_state(params(chain[name])).items():
+            assert torch.equal(sd[prefix + k], v), (name, k)
+    assert max(sd[k].abs().max().item() for k in sd if k.startswith("backbone.ktms.")
+               and k.endswith("bias")) > 0
+    # from the file alone (expert files not needed), as probe.py loads any backbone
+    os.rename(chain["det"] + "/last.pt", chain["det"] + "/moved.pt")
+    try:
+        gen, _ = stages.load_backbone(path)
+    finally:
+        os.rename(chain["det"] + "/moved.pt", chain["det"] + "/last.pt")
+    assert type(gen).__name__ == "Generalist"
+    got = gen.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in stages.backbone_state(sd).items())
+    with torch.no_grad():
+        assert gen(x).shape == (3, gen.num_features) and not torch.equal(gen(x), main.backbone(x))
+
+
+def test_reuse_skips_identical_complete_run_and_refuses_changes(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert stages.main(tiny(out)) == 0
+    before = open(out / "last.pt", "rb").read()
+    capsys.readouterr()
+    assert stages.main(tiny(out, "--reuse", "--workers", "0")) == 0
+    assert "reusing" in capsys.readouterr().out
+    assert stages.main(tiny(out, "--reuse", "--lr", "5e-4", "--seed", "3")) == 1
+    err = capsys.readouterr().err
+    assert "--lr" in err and "--seed" in err and "--out" in err and "--steps" not in err
+    assert open(out / "last.pt", "rb").read() == before      # nothing rewritten either time
+    # an unfinished run of the same config is continued
+    part = tmp_path / "p"
+    stages.train(stages.parse_args(tiny(part, "--steps", "3")), stop_at=2)
+    assert stages.main(tiny(part, "--steps", "3", "--reuse")) == 0
+    assert stages.load_checkpoint(str(part / "last.pt"))["step"] == 3
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_ranks_ddp_zero_fsdp_match_one_rank(tmp_path):
+def test_two_ranks_ddp_zero_fsdp_match_one_rank(tmp_path, chain):
     """Global batch 8 on 2 gloo ranks (4 each) = batch 8 on 1 rank, for DDP, ZeRO-1 and FSDP2.
     A control run that all-gathers without gradient (the other ranks' features as constants, a
-    classic CLIP bug) must NOT match: the check can fail."""
+    classic CLIP bug) must NOT match: the check can fail. Also the mim stage under FSDP (its
+    frozen teacher left unsharded) and a two-source cls expert under DDP."""
+    mim_run = lambda out, *x: chain_args("mim", out, "--steps", "2", "--no-eval",  # noqa: E731
+                                         "--teacher", chain["amateur"] + "/last.pt", *x)
+    expert_run = lambda out: chain_args("expert", out, "--task", "cls", "--steps", "2",  # noqa: E731
+                                        "--no-eval", "--lr", "1e-3")
     runs = {"local": tiny(tmp_path / "local"), "zero": tiny(tmp_path / "zero", "--zero"),
             "fsdp": tiny(tmp_path / "fsdp", "--fsdp"),
             "accum": tiny(tmp_path / "accum", "--accum", "2"),      # DDP no_sync on micro-batch 1
+            "mim_fsdp": mim_run(tmp_path / "mim_fsdp", "--fsdp"),
+            "expert_ddp": expert_run(tmp_path / "expert_ddp"),
             "ddp": tiny(tmp_path / "ddp")}           # the last one goes through stages.main()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master-port={_free_port()}", os.path.abspath(__file__), json.dumps(runs)]
@@ -342,6 +501,8 @@ def test_two_ranks_ddp_zero_fsdp_match_one_rank(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     stages.train(stages.parse_args(tiny(tmp_path / "one")))          # meanwhile: the 1-rank references
     stages.train(stages.parse_args(tiny(tmp_path / "one_accum", "--accum", "2")))
+    stages.train(stages.parse_args(mim_run(tmp_path / "one_mim")))
+    stages.train(stages.parse_args(expert_run(tmp_path / "one_expert")))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     ref = params(tmp_path / "one")
@@ -350,6 +511,9 @@ def test_two_ranks_ddp_zero_fsdp_match_one_rank(tmp_path):
         ck = torch.load(tmp_path / name / "last.pt", weights_only=True)
         assert ck["config"]["world_size"] == 2 and ck["config"]["mode"] == name and len(ck["rng"]) == 2
         assert ck["optimizer"]["state"]                                 # consolidated / full
+    for one, two in (("one_mim", "mim_fsdp"), ("one_expert", "expert_ddp")):
+        assert_same_params(params(tmp_path / one), params(tmp_path / two))
+    assert changed(params(tmp_path / "one_mim"), params(chain["mim"])) > 1e-3
     # accumulation: 2 micro-batches of 4 (2 per rank) per step = the same on 1 rank
     assert_same_params(params(tmp_path / "one_accum"), params(tmp_path / "accum"))
     assert changed(ref, params(tmp_path / "one_accum")) > 1e-3     # negatives per micro-batch only
