@@ -381,15 +381,18 @@ def _to_pil(img: torch.Tensor, scale: int):
 def show(model: MIMModel, teacher: Teacher, images: torch.Tensor, masks: torch.Tensor, path: str):
     """Save a PNG: one row per image with the image, what the student sees (masked patches grey)
     and the per-patch cosine between prediction and target (red = agrees; masked patches, the
-    ones the loss trains, are outlined). Needs only pillow."""
+    ones the loss trains, are outlined). `images` in [0, 1] as data.py renders them; the models
+    see them normalised, as in training. Needs only pillow."""
+    import data
     from PIL import Image, ImageDraw
     was_training = model.training
     model.eval()
+    x = data.normalize(images)
     try:
-        pred = model.predict(images, masks)                              # (B, N, D_t)
+        pred = model.predict(x, masks)                                   # (B, N, D_t)
     finally:
         model.train(was_training)
-    cos = patch_cosine(pred, teacher(images)).cpu()                      # (B, N)
+    cos = patch_cosine(pred, teacher(x)).cpu()                           # (B, N)
     B, _, H, W = images.shape
     p = model.backbone.patch_size
     gh, gw = H // p, W // p

@@ -82,7 +82,7 @@ class Features:
         pooled, levels = [], []
         with torch.no_grad():
             for start in range(0, len(split), batch_size):
-                lv, pl = backbone.forward_levels(split.images[start:start + batch_size].float())
+                lv, pl = backbone.forward_levels(data.normalize(split.images[start:start + batch_size].float()))
                 pooled.append(pl.float())
                 if dense:
                     levels.append([f.float() for f in lv])

@@ -428,6 +428,11 @@ def test_collate_pads_ragged_keys():
     out = data.collate(batch)
     k = max(len(b["boxes"]) for b in batch)
     assert out["image"].shape == (6, 3, S, S) and out["boxes"].shape == (6, k, 4) and out["box_labels"].shape == (6, k)
+    # the model sees normalised images: (x - mean) / std per channel, computed here by hand
+    raw = torch.stack([b["image"] for b in batch]).double()
+    for c in range(3):
+        torch.testing.assert_close(out["image"][:, c].double(), (raw[:, c] - data.MEAN[c]) / data.STD[c],
+                                   atol=1e-5, rtol=1e-5)
     assert isinstance(out["caption"], list) and out["caption"][2] == batch[2]["caption"]
     for j, b in enumerate(batch):
         n = len(b["boxes"])
