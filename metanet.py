@@ -77,7 +77,16 @@ class SqueezeExcitation(nn.Module):
         return x * F.hardsigmoid(s)
 
 
-class MBConv(nn.Module):
+class ConvResidual(nn.Module):
+    """What MBConv and Fused-MBConv share: x -> shortcut(x) + drop_path(b2(b1(x))), where b1 (the
+    expansion, absent when there is nothing to expand) and b2 are set by the subclass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:     # (B, Cin, H, W) -> (B, Cout, H/s, W/s)
+        y = self.b1(x) if self.b1 is not None else x
+        return self.residual(x) + self.drop_path(self.b2(y))
+
+
+class MBConv(ConvResidual):
     """Inverted residual: [BN -> 1x1 expand -> BN -> GELU] -> 3x3 depthwise (stride) -> BN -> GELU
     -> SE -> 1x1 project (bias) -> BN. The last BN starts at zero, so the block starts as its
     shortcut. The expansion is skipped only when it would be the identity (e = 1, stride 1)."""
@@ -100,12 +109,8 @@ class MBConv(nn.Module):
         nn.init.zeros_(self.b2[-1].weight)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:     # (B, Cin, H, W) -> (B, Cout, H/s, W/s)
-        y = self.b1(x) if self.b1 is not None else x
-        return self.residual(x) + self.drop_path(self.b2(y))
 
-
-class FusedMBConv(nn.Module):
+class FusedMBConv(ConvResidual):
     """MBConv with expand + depthwise fused into one dense 3x3 conv (cheaper at high resolution):
     BN -> 3x3 conv (stride) -> BN -> GELU -> SE -> 1x1 project (bias) -> BN.
     With expansion 1 there is nothing to expand: SE -> 3x3 conv (stride, bias) -> BN."""
@@ -127,10 +132,6 @@ class FusedMBConv(nn.Module):
                                     nn.BatchNorm2d(c_out))
         nn.init.zeros_(self.b2[-1].weight)
         self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:     # (B, Cin, H, W) -> (B, Cout, H/s, W/s)
-        y = self.b1(x) if self.b1 is not None else x
-        return self.residual(x) + self.drop_path(self.b2(y))
 
 
 # ------------------------------------------------------------------------------------------------
