@@ -339,6 +339,7 @@ def main(argv=None):
     grid = [(lr, wd) for lr in args.lr for wd in args.wd]
     os.makedirs(args.out, exist_ok=True)
     import stages
+    t0 = time.time()
     try:
         rows = run_probe(models, args.data.split(","), percents, args.img_size, args.steps, grid, args.seed,
                          viz_dir=os.path.join(args.out, "viz"), max_train=args.max_train, max_test=args.max_test)
@@ -349,6 +350,8 @@ def main(argv=None):
     table = markdown(rows)
     with open(os.path.join(args.out, "gvb.md"), "w") as f:
         f.write(table + "\n")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:   # what `bench.py pipeline` reads
+        json.dump({"stage": "probe", "steps": args.steps, "models": len(models), "wall_s": time.time() - t0}, f)
     print(table)
 
 

@@ -120,6 +120,8 @@ def test_json_schema_and_markdown(spy, tmp_path, monkeypatch):
             assert isinstance(r[key], float) and math.isfinite(r[key])
         assert 0 <= r["cls_avg"] <= 1 and 0 <= r["det_ap50"] <= 1 and r["depth_rmse"] > 0
         assert set(r["sets"]) == {"gvb/shape", "gvb/det", "gvb/seg", "gvb/depth"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stage"] == "probe" and summary["models"] == 1 and summary["wall_s"] > 0
     md = (tmp_path / "gvb.md").read_text()
     assert md.count("\n| spy |") == 2 and "depth_rmse ↓" in md
     assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == ["gvb_depth.png", "gvb_det.png", "gvb_seg.png"]
