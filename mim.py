@@ -19,7 +19,7 @@ What lives here (the stage in stages.py wires these into its training loop):
     MIMModel, build_student            the EVA student (`backbone.*`) + `lm_head`; forward_loss
     mim_loss, patch_cosine             negative cosine over masked patches; per-patch cosine
     RECIPE, scaled_lr                  EVA-01's pre-training hyper-parameters
-    show, load_mim, main               `python mim.py --show mim.pt --data SPEC --out mim.png`
+    show, main                         `python mim.py --show mim.pt --data SPEC --out mim.png`
 """
 import argparse
 import math
@@ -431,33 +431,6 @@ def show(model: MIMModel, teacher: Teacher, images: torch.Tensor, masks: torch.T
     return path
 
 
-def load_mim(path: str):
-    """Rebuild a MIM checkpoint of stages.py (student + its teacher) -> (MIMModel, config), eval
-    mode, on CPU. The student's preset is config['arch']; the teacher's is config['teacher_arch']
-    or, failing that, the 'arch' of the config['teacher'] checkpoint it was distilled from."""
-    import stages  # lazily: only this command-line path needs the stage runner
-    ckpt = stages.load_checkpoint(path, expect_stage="mim")
-    cfg, sd = ckpt["config"], ckpt["model"]
-    if "lm_head.weight" not in sd:
-        raise ValueError(f"{path} has no lm_head: not a MIMModel state dict")
-    teacher_arch = cfg.get("teacher_arch")
-    if teacher_arch is None:
-        if not cfg.get("teacher"):
-            raise ValueError(f"{path}: its config names neither teacher_arch nor a teacher checkpoint")
-        teacher_arch = stages.load_checkpoint(cfg["teacher"])["config"]["arch"]
-    pool = "avg" if "backbone.fc_norm.weight" in sd else "token"
-    student = eva.build(cfg["arch"], img_size=cfg["img_size"], use_mask_token=True, global_pool=pool)
-    tower = stages.build_backbone(teacher_arch, img_size=cfg["img_size"], num_classes=0)
-    proj = None
-    if "teacher.proj.weight" in sd:
-        d_out, d_in = sd["teacher.proj.weight"].shape
-        proj = nn.Linear(d_in, d_out, bias="teacher.proj.bias" in sd)
-    teacher = Teacher(tower, proj, patch_size=student.patch_size)
-    model = MIMModel(student, sd["lm_head.weight"].shape[0], teacher)
-    model.load_state_dict(sd)                 # strict: student, head and teacher all must fit
-    return model.eval(), cfg
-
-
 def _images(spec: str, n: int, img_size: int, seed: int) -> torch.Tensor:
     import data  # lazily, like stages
     ds = data.build_dataset(spec, "test", img_size=img_size, seed=seed)
@@ -477,7 +450,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the data and the masks")
     args = ap.parse_args(argv)
 
-    model, cfg = load_mim(args.show)
+    import stages  # lazily: only this command-line path needs the stage runner
+    # stages.py rebuilds any stage's model from the config saved with it (student, lm_head, teacher)
+    model, cfg = stages.load_stage_model(args.show, expect_stage="mim")
     spec = args.data or (cfg.get("data") or "gvd/caption").split(",")[0]
     images = _images(spec, args.num, cfg["img_size"], args.seed)
     gh, gw = (s // model.backbone.patch_size for s in images.shape[-2:])
