@@ -24,7 +24,9 @@ FSDP-wrapped or given its own learning rate through `block_list()`.
 Backbone contract (DESIGN §4.1, same as eva.py): `build(name, **overrides)`, `model(x)`,
 `forward_features`, `forward_head`, `forward_levels(x, inject)`, `forward_patches`, and the
 attributes `num_features`, `img_size`, `level_channels`, `level_strides`. Inputs must have sides
-that are multiples of 32 (the total stride): 64, 96, 224, 256, ... .
+that are multiples of 32 (the total stride): 64, 96, 224, 256, ... . For masked image modelling,
+`build(..., use_mask_token=True)` adds a learned `mask_token`, and `forward_levels(x, mask=...)`
+hides patches behind it at the stem (`MetaNet._stem`; used by stages.py --stage hybrid).
 
 Parameter names mirror the official code (`stem.0`, `blocks.{i}.{residual.1, b1, b2}`,
 `blocks.{i}.{pos_embed, norm1, attn.{qkv, proj, temperature}, gamma_1, norm2, mlp.{fc1, fc2},
@@ -270,7 +272,8 @@ class MetaNet(nn.Module):
 
     def __init__(self, stem_dim: int, depths, widths, ops, head_dim: int,
                  expansions=EXPANSIONS, strides=STRIDES, num_classes: int = 0,
-                 drop_path_rate: float = 0.0, layer_scale: float = 1e-6, img_size: int = 224):
+                 drop_path_rate: float = 0.0, layer_scale: float = 1e-6, img_size: int = 224,
+                 use_mask_token: bool = False):
         super().__init__()
         if not (len(depths) == len(widths) == len(ops) == len(expansions) == len(strides) == 6):
             raise ValueError("MetaNet has 6 stages: depths, widths, ops, expansions and strides "
@@ -289,6 +292,10 @@ class MetaNet(nn.Module):
 
         self.stem = nn.Sequential(nn.Conv2d(3, stem_dim, 3, 2, padding=1, bias=False),
                                   nn.BatchNorm2d(stem_dim), nn.GELU())
+        # masked image modelling (stages.py --stage hybrid): one learned stem-output vector stands
+        # in for every stem position inside a masked patch (see _stem). Off by default, so plain
+        # models keep their parameter set (and official weights their names).
+        self.mask_token = nn.Parameter(torch.zeros(1, stem_dim, 1, 1)) if use_mask_token else None
 
         # stochastic depth grows linearly with depth over all blocks (plain Python: works on meta)
         n = sum(depths)
@@ -316,6 +323,10 @@ class MetaNet(nn.Module):
                                   nn.BatchNorm2d(NUM_FEATURES), nn.GELU())
         self.fc = nn.Linear(NUM_FEATURES, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        if self.mask_token is not None:
+            # small random init, as EVA's / SimMIM's mask token; drawn last, so every other weight
+            # equals that of a plain model built from the same seed
+            nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -351,6 +362,33 @@ class MetaNet(nn.Module):
                 f"resize or pad to e.g. {max(32, round(H / 32) * 32)}x{max(32, round(W / 32) * 32)} "
                 f"(valid sides: 32, 64, ..., 224, 256, ...)")
 
+    def _stem(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Stem, with masked patches hidden when `mask` is given: bool (B, h, w) on a patch grid
+        of the image (patch = H / h, an even number of pixels, so every stride-2 stem position
+        lies in one patch). Masked pixels are zeroed first (the mean colour after
+        data.normalize): the 3x3 window of a visible position at a patch border would otherwise
+        see one row of its masked neighbour. Then every stem position inside a masked patch is
+        replaced by `mask_token` (the conv analogue of EVA's token swap), before any block."""
+        if mask is None:
+            return self.stem(x)                                # (B, stem, H/2, W/2)
+        if self.mask_token is None:
+            raise ValueError("a mask was given but this model has no mask_token: build it with "
+                             "use_mask_token=True")
+        B, _, H, W = x.shape
+        if mask.dtype != torch.bool or mask.ndim != 3 or mask.shape[0] != B:
+            raise ValueError(f"mask must be bool (B, h, w) = ({B}, h, w) on a patch grid, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        h, w = mask.shape[1:]
+        if H % h or W % w or H // h != W // w or (H // h) % 2:
+            raise ValueError(f"a {h}x{w} mask does not tile a {H}x{W} image into square patches of "
+                             f"an even number of pixels: use a grid of (H/p, W/p) with p even, "
+                             f"e.g. {H // 8}x{W // 8} for p = 8")
+        p = H // h
+        pix = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None]   # (B, 1, H, W)
+        x = self.stem(x.masked_fill(pix, 0.0))                              # (B, stem, H/2, W/2)
+        cell = pix[:, :, ::2, ::2]                 # (B, 1, H/2, W/2): each stem position's patch
+        return torch.where(cell, self.mask_token.to(x.dtype), x)
+
     def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(blk, x, use_reentrant=False,
@@ -358,13 +396,14 @@ class MetaNet(nn.Module):
         return blk(x)
 
     # -- forward passes ------------------------------------------------------------------------------
-    def forward_levels(self, x: torch.Tensor, inject=None):
+    def forward_levels(self, x: torch.Tensor, inject=None, mask: torch.Tensor | None = None):
         """x (B,3,H,W) -> (levels, pooled): levels = 4 maps (B, C_k, H/s_k, W/s_k) at strides
         4, 8, 16, 32 (ends of stages 1, 2, 4, 5); pooled (B, 1280).
         `inject(k, fmap) -> fmap` is called after level k; its result replaces the level and is
-        what the rest of the network sees (how the generalist's KTMs enter the main stream)."""
+        what the rest of the network sees (how the generalist's KTMs enter the main stream).
+        `mask` bool (B, h, w): hide those patches behind `mask_token` at the stem (see _stem)."""
         self._check_input(x)
-        x = self.stem(x)                                     # (B, stem, H/2, W/2)
+        x = self._stem(x, mask)                              # (B, stem, H/2, W/2)
         levels = []
         for i, blk in enumerate(self.blocks):
             x = self._run_block(blk, x)
@@ -423,7 +462,7 @@ PRESETS = {
 }
 
 _OVERRIDES = ("num_classes", "drop_path_rate", "img_size", "layer_scale", "stem_dim", "depths",
-              "widths", "ops", "head_dim", "expansions", "strides")
+              "widths", "ops", "head_dim", "expansions", "strides", "use_mask_token")
 
 
 def build(name: str, **overrides) -> MetaNet:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # intern-eva entry point.
 #   bash run.sh            the whole pipeline on the embedded default (GV-D-mini, demo models, CPU)
-#   bash run.sh --quick    the same with minimal steps (a smoke run)
+#   bash run.sh --quick    the same with minimal steps (a smoke run), Down-A included
+#   bash run.sh adapt      Down-A rows (LP-FT, distillation) into the pipeline's table
 #   bash run.sh test       the test suite (what CI runs)
 #   bash run.sh bench      the benchmarks (bench.py); extra arguments are passed on
 set -euo pipefail
@@ -16,17 +17,21 @@ fi
 export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 
 # The paradigm end to end on the embedded default (GV-D-mini, demo-size EVA, CPU):
-# amateur -> mim -> three experts (+ the supervised baseline) -> generalist -> GV-B-mini probe.
+# amateur -> mim -> three experts (+ the supervised baseline) -> generalist (+ the hybrid peer)
+# -> GV-B-mini probe. `bash run.sh adapt` then adds the Down-A rows (LP-FT, distillation);
+# `--quick` does both.
 # Each stage reuses its checkpoint when one with the same config is already complete (--reuse).
 pipeline() {
     local runs=${RUNS_DIR:-runs}
-    local out=$runs/demo steps=${STEPS:-120} probe_steps=80 caps="--max-train 600 --max-test 300"
+    local out=$runs/demo steps=${STEPS:-120} probe_steps=60 caps="--max-train 600 --max-test 300"
+    local stage_opts=()
     if [ "$1" = "--quick" ]; then
         out=$runs/quick steps=4 probe_steps=3 caps="--max-train 48 --max-test 24"
+        stage_opts=(--no-eval)    # 4-step stages have nothing to evaluate; the tests cover evaluation
     fi
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
     local arch=eva_demo t0=$SECONDS
-    local S=("$PY" stages.py --arch "$arch" --reuse)
+    local S=("$PY" stages.py --arch "$arch" --reuse "${stage_opts[@]}")
     mkdir -p "$out"
     echo "[run.sh] pipeline into $out/ (arch $arch, $steps steps per stage)"
     "${S[@]}" --stage amateur --steps "$steps" --out "$out/amateur"
@@ -39,11 +44,36 @@ pipeline() {
     "${S[@]}" --stage generalist --steps "$steps" --main cls \
         --experts "cls=$out/expert_cls/last.pt,det=$out/expert_det/last.pt,seg=$out/expert_seg/last.pt" \
         --out "$out/generalist"
+    # beside the chain: seed 003's one-stage hybrid (multi-label + pixel MIM + contrastive)
+    "${S[@]}" --stage hybrid --steps "$steps" --out "$out/hybrid"
     "$PY" probe.py --steps "$probe_steps" $caps --out "$out/probe" --ckpt "random=random:$arch" \
         "supervised=$out/supervised/last.pt" "amateur=$out/amateur/last.pt" "mim=$out/mim/last.pt" \
         "expert_cls=$out/expert_cls/last.pt" "expert_det=$out/expert_det/last.pt" \
-        "expert_seg=$out/expert_seg/last.pt" "generalist=$out/generalist/last.pt"
+        "expert_seg=$out/expert_seg/last.pt" "hybrid=$out/hybrid/last.pt" \
+        "generalist=$out/generalist/last.pt"     # last: viz/ pictures the generalist's predictions
     echo "[run.sh] done in $((SECONDS - t0)) s; table: $out/probe/gvb.md, pictures: $out/probe/viz/"
+    if [ "$1" = "--quick" ]; then adapt "$1"; fi
+}
+
+# Down-A on the pipeline's generalist: rows generalist+lpft, student+distill and student, merged
+# into the pipeline's table (run it after the pipeline; about 4 more minutes on 2 CPU cores).
+adapt() {
+    local out=${RUNS_DIR:-runs}/demo probe_steps=60 caps="--max-train 600 --max-test 300" adapt_opts=""
+    if [ "${1:-}" = "--quick" ]; then
+        out=${RUNS_DIR:-runs}/quick probe_steps=3 caps="--max-train 48 --max-test 24"
+        adapt_opts="--ft-epochs 0.05 --ft-min-steps 2 --distill-epochs 0.05"
+    fi
+    if [ ! -f "$out/generalist/last.pt" ] || [ ! -f "$out/probe/gvb.json" ]; then
+        echo "[run.sh] adapt: no $out/generalist/last.pt or $out/probe/gvb.json yet: run 'bash run.sh${1:+ $1}' first" >&2
+        exit 1
+    fi
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+    local t0=$SECONDS
+    "$PY" probe.py --adapt lpft --steps "$probe_steps" $caps $adapt_opts --out "$out/probe" \
+        --ckpt "generalist=$out/generalist/last.pt"
+    "$PY" probe.py --adapt distill --student eva_demo --steps "$probe_steps" $caps $adapt_opts \
+        --out "$out/probe" --ckpt "generalist=$out/generalist/last.pt"
+    echo "[run.sh] Down-A done in $((SECONDS - t0)) s; rows added to $out/probe/gvb.md"
 }
 
 cmd=${1:-pipeline}
@@ -62,8 +92,12 @@ case "$cmd" in
     pipeline|--quick)
         pipeline "$cmd"
         ;;
+    adapt)
+        shift
+        adapt "${1:-}"
+        ;;
     *)
-        echo "usage: bash run.sh [--quick] | test [pytest args] | bench [bench.py args]" >&2
+        echo "usage: bash run.sh [--quick] | adapt [--quick] | test [pytest args] | bench [bench.py args]" >&2
         exit 2
         ;;
 esac

@@ -1,4 +1,4 @@
-"""The training engine every stage runs on, and the stage recipes (Up-A, MIM, Up-E, Up-G).
+"""The training engine every stage runs on, and the stage recipes (Up-A, MIM, Up-E, Up-G, hybrid).
 
     python stages.py --stage amateur                     # eva_demo, 150 steps of 32: ~100 s on 2 CPU cores
     python stages.py --stage mim --teacher runs/amateur/last.pt
@@ -53,6 +53,12 @@ Up-G (DESIGN §5.4): the experts rebuilt from their files, frozen, joined by ktm
 on the sum of all the experts' task losses. The checkpoint rebuilds from itself alone, and
 load_backbone() returns the Generalist (a backbone by the same contract) for probe.py.
 
+Hybrid (seed 003, a peer of the staged recipe): one backbone, three losses summed with equal
+weights: multi-label BCE on gvd/shape's multi-hot `labels`, pixel MIM (L1 to per-patch
+normalised pixels of block-masked patches; EVA masks with its mask token, MetaNet with a
+learned embedding at the stem) and image-image InfoNCE between two views, negatives from
+every rank. See the hybrid section for the choices the seed paper leaves open.
+
 --reuse: an OUT/last.pt that is a complete run of the same options is kept (exit 0); one of
 other options is an error naming them. Derived facts (teacher_arch, num_classes, the experts'
 configs) are written into the config.
@@ -62,6 +68,7 @@ one for the evaluation), summary.json (what bench.py / the pipeline read).
 """
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -116,7 +123,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="checkpoint whose backbone initialises ours")
     p.add_argument("--teacher", default=None, help="mim: the amateur checkpoint whose image tower "
                    "gives the regression targets")
-    p.add_argument("--mask-ratio", type=float, default=0.4, help="mim: share of patches masked")
+    p.add_argument("--mask-ratio", type=float, default=0.4, help="mim / hybrid: share of patches masked")
     p.add_argument("--experts", default=None, metavar="TASK=CKPT,...",
                    help="generalist: the expert checkpoints, e.g. cls=runs/expert_cls/last.pt,det=...")
     p.add_argument("--main", default="cls", help="generalist: the expert whose stream is the output")
@@ -134,6 +141,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dist-timeout", type=float, default=600,
+                   help="seconds a rank waits for the others in one collective before it gives up "
+                        "(a rank that died or hangs); raise it if saving a checkpoint takes longer")
     p.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     return p
 
@@ -262,6 +272,8 @@ def fit_backbone_state(state: dict, backbone: nn.Module) -> dict:
     (cls-token pooling, applied to every token) becomes the `fc_norm` of an 'avg' backbone."""
     own = backbone.state_dict()
     sd = {k: v for k, v in state.items() if k != "mask_token" or k in own}
+    if "mask_token" in own and "mask_token" not in sd:
+        sd["mask_token"] = own["mask_token"]       # e.g. hybrid --init from a stage without one
     if "norm.weight" in sd and "norm.weight" not in own and "fc_norm.weight" in own:
         for s in ("weight", "bias"):
             sd[f"fc_norm.{s}"] = sd.pop(f"norm.{s}")
@@ -889,11 +901,257 @@ def setup_generalist(args, with_data: bool = True) -> Stage:
     return Stage(model, _task_train_set(specs, task_of, args), evaluate_tasks)
 
 
-def _not_yet(name: str, what: str):
-    def setup(args, with_data: bool = True):
-        raise NotImplementedError(f"--stage {name} is not implemented yet ({what}); "
-                                  f"today stages.py runs amateur, mim, expert, generalist")
-    return setup
+# ----------------------------------------------------------------------------- hybrid (seed 003)
+
+# Seed 003 (arXiv 2310.07510) pre-trains one backbone on multi-label classification, masked image
+# modelling and contrastive learning together, "in a multi-task manner". The text of it that we
+# hold (papers/003_*.txt, the abstract) names the three tasks but gives no weights, so the total
+# is their plain sum. At demo scale the terms start at comparable sizes (BCE ~0.7, L1 on
+# normalised pixels ~0.8, InfoNCE ~2 at batch 32), so none drowns the others.
+HYBRID_WEIGHTS = {"multilabel": 1.0, "mim": 1.0, "nce": 1.0}
+# InfoNCE temperature, fixed (MoCo v3's value for ViTs). A learned scale, as in the amateur's
+# image-text loss, can run away on an image-image loss whose two views are easy to match.
+HYBRID_TEMPERATURE = 0.2
+# MetaNet has no patches: it is masked (and the pixel loss is scored) on 8 x 8 px cells, eva_demo's
+# patch size, so both demo backbones see the same 8 x 8 grid at 64 px.
+METANET_MASK_PATCH = 8
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C): patches row-major, each flattened (row, column, channel), as
+    MAE's patchify."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // patch, patch, W // patch, patch)            # (B, C, h, p, w, q)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def pixel_mim_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch: int,
+                   denom=None) -> torch.Tensor:
+    """Pixel MIM without a teacher: L1 between the predicted pixels and the *per-patch normalised*
+    pixels of the image (MAE's norm_pix: each patch minus the mean of its p*p*3 values, divided by
+    sqrt(their unbiased variance + 1e-6)), averaged over each patch's values, then over the masked
+    patches only. Computed in fp32.
+
+    pred, images (B, 3, H, W) (the model's input, before masking); mask bool (B, N) over the
+    (H/patch) x (W/patch) grid, row-major, True = masked. denom: as mim.mim_loss -- divide the sum
+    by this (the nominal count B * num_masked: split-invariant) instead of the masked count."""
+    if pred.shape != images.shape or pred.ndim != 4:
+        raise ValueError(f"pred and images must both be (B, 3, H, W), got {tuple(pred.shape)} and "
+                         f"{tuple(images.shape)}")
+    B, _, H, W = images.shape
+    if H % patch or W % patch:
+        raise ValueError(f"patch {patch} does not tile {H}x{W} images")
+    N = (H // patch) * (W // patch)
+    if mask.shape != (B, N) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool (B, N) = ({B}, {N}), got {mask.dtype} {tuple(mask.shape)}")
+    target = patchify(images.float(), patch)                                  # (B, N, p*p*3)
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    target = (target - mean) / (var + 1e-6).sqrt()
+    err = (patchify(pred.float(), patch) - target).abs().mean(-1)[mask]      # (M,) masked only
+    if denom is None:
+        if err.numel() == 0:
+            raise ValueError("pixel_mim_loss got a mask with no masked patch: raise --mask-ratio")
+        return err.mean()
+    return err.sum() / denom
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = HYBRID_TEMPERATURE,
+             every_rank: bool = True) -> torch.Tensor:
+    """Symmetric image-image InfoNCE. z1, z2 (b, D): L2-normalised embeddings of the two views of
+    this rank's b images. View 1 of image i must pick view 2 of image i among the view-2 embeddings
+    of the whole global batch (every rank's, gathered with gradient), and vice versa; the loss is
+    the mean of both directions. every_rank=False: this rank's embeddings only (evaluation on one
+    rank, where a collective would wait for ranks that are not there)."""
+    b = z1.shape[0]
+    local = torch.stack([z1, z2], dim=1)                                      # (b, 2, D)
+    every = gather_all(local) if every_rank else local                        # (G, 2, D)
+    rank = dist.get_rank() if every_rank and dist.is_initialized() else 0
+    labels = torch.arange(b, device=z1.device) + rank * b      # my images' rows in `every`
+    l12 = z1 @ every[:, 1].T / temperature                                    # (b, G)
+    l21 = z2 @ every[:, 0].T / temperature                                    # (b, G)
+    return (F.cross_entropy(l12, labels) + F.cross_entropy(l21, labels)) / 2
+
+
+class Hybrid(nn.Module):
+    """Seed 003's multi-task pre-training: one backbone, three losses, summed (HYBRID_WEIGHTS).
+
+    batch: view1 (b, 3, H, W) a random crop of the image, hidden at the patches of mask (b, N)
+    (block-wise, over the (H/p) x (W/p) grid, p = self.patch); view2 (b, 3, H, W) the whole image,
+    maybe mirrored; labels (b, K) the multi-hot of the classes present.
+
+        view1 + mask -> backbone -> pixel decoder -> L1 to normalised pixels, masked patches only
+                           '-> pooled -> projector --.
+        view2 ---------> backbone -> pooled -> projector --'-> InfoNCE (negatives: every rank)
+                                      '-> multi-label head -> BCE against labels
+
+    Two backbone passes per image, not three: the contrastive pair is (masked crop, whole image),
+    so the masked pass serves MIM and contrast at once. The labels go with the whole image, where
+    every labelled object is visible (a crop may cut one out).
+
+    How the mask enters: EVA swaps masked patch embeddings for its `mask_token` (forward_tokens);
+    MetaNet zeroes the masked pixels and swaps the stem outputs inside masked cells for its learned
+    `mask_token` before the first stage (metanet.MetaNet._stem) -- the conv analogue of the token
+    swap, hiding the pixels from every later layer (SimMIM masks Swin at its patch embedding alike).
+
+    Pixel decoder (SimMIM's: one linear layer, no transformer decoder): a Linear from a feature map
+    at stride s to s*s*3 values per location, unfolded to a (3, H, W) image. EVA: the normed patch
+    tokens (fc_norm per token, as mim.MIMModel), s = the patch size. MetaNet: the last level
+    (stride 32, the end of the network but for the 1x1 head) after a LayerNorm, s = 32, as SimMIM
+    decodes Swin's stride-32 output; an early stride-8 level would leave the deep stages out of MIM.
+
+    No batch statistics in the heads (LayerNorm, not BN), BCE a per-sample mean, the pixel loss over
+    the nominal masked count and InfoNCE over the gathered global batch: the total and its gradient
+    do not depend on how the global batch is split over ranks (for BN-free backbones: MetaNet's BN
+    normalises over each rank's share, as DDP always does). Micro-batches (--accum) see only their
+    own negatives, as in the amateur stage.
+    """
+
+    def __init__(self, backbone: nn.Module, num_labels: int, num_masked: int,
+                 proj_hidden: int = 256, proj_dim: int = 128):
+        super().__init__()
+        if getattr(backbone, "mask_token", None) is None:
+            raise ValueError("the hybrid backbone needs a mask token: build it with use_mask_token=True")
+        self.backbone, self.num_masked = backbone, num_masked
+        self.is_vit = callable(getattr(backbone, "forward_tokens", None))
+        self.patch = backbone.patch_size if self.is_vit else METANET_MASK_PATCH
+        if self.is_vit:
+            dec_in, self.dec_stride = backbone.embed_dim, backbone.patch_size
+            self.dec_norm = nn.Identity()                   # fc_norm (inside _masked) normalises
+        else:
+            dec_in, self.dec_stride = backbone.level_channels[-1], backbone.level_strides[-1]
+            self.dec_norm = kernels.LayerNorm(dec_in)
+        self.decoder = nn.Linear(dec_in, self.dec_stride ** 2 * 3)
+        self.head = tasks.MultiLabelHead(backbone.num_features, num_labels)
+        self.projector = _mlp([backbone.num_features, proj_hidden, proj_dim], last_norm=False)
+        for m in [self.decoder, *self.projector]:
+            if isinstance(m, nn.Linear):
+                _init_linear(m)
+
+    def _masked(self, images: torch.Tensor, mask: torch.Tensor):
+        """images (b, 3, H, W), mask bool (b, N) -> (predicted pixels (b, 3, H, W), pooled (b, F))."""
+        b, _, H, W = images.shape
+        if self.is_vit:
+            tokens = self.backbone.forward_tokens(images, mask)                # (b, 1+N, C)
+            pooled = self.backbone.forward_head(tokens, pre_logits=True)       # (b, C)
+            fmap = self.backbone.fc_norm(tokens[:, 1:])                        # (b, N, C)
+        else:
+            grid = mask.view(b, H // self.patch, W // self.patch)               # (b, h, w)
+            levels, pooled = self.backbone.forward_levels(images, mask=grid)
+            fmap = levels[-1].permute(0, 2, 3, 1)                              # (b, H/32, W/32, C)
+        s = self.dec_stride
+        h, w = H // s, W // s
+        out = self.decoder(self.dec_norm(fmap)).reshape(b, h, w, s, s, 3)       # (b, h, w, s, s, 3)
+        pred = out.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, H, W)               # (b, 3, h*s, w*s)
+        return pred, pooled
+
+    def forward(self, batch: dict, every_rank: bool = True):
+        """-> (weighted sum, {"multilabel", "mim", "nce"}). every_rank: see info_nce."""
+        view1, view2, mask = batch["view1"], batch["view2"], batch["mask"]
+        pred, pooled1 = self._masked(view1, mask)                   # (b, 3, H, W), (b, F)
+        pooled2 = self.backbone(view2)                               # (b, F)
+        # the heads and losses are small: run them in fp32 whatever the backbone's autocast
+        with torch.autocast(view1.device.type, enabled=False):
+            pooled1, pooled2 = pooled1.float(), pooled2.float()
+            multilabel = self.head.loss(self.head(None, pooled2), batch)[0]
+            mim_term = pixel_mim_loss(pred.float(), view1.float(), mask, self.patch,
+                                      denom=view1.shape[0] * self.num_masked)
+            z1, z2 = F.normalize(self.projector(torch.cat([pooled1, pooled2])), dim=-1).chunk(2)
+            nce = info_nce(z1, z2, HYBRID_TEMPERATURE, every_rank)
+        terms = {"multilabel": multilabel, "mim": mim_term, "nce": nce}
+        return sum(HYBRID_WEIGHTS[k] * v for k, v in terms.items()), terms
+
+
+class _HybridAugment:
+    """Hybrid sample from Augmented's per-sample rng (so views and masks depend on (seed, epoch,
+    index) only, never on the rank): a random crop + flip that will be masked, the whole image
+    (maybe mirrored), a block mask (mim.block_mask) and the multi-hot labels."""
+
+    def __init__(self, grid: tuple, num_masked: int):
+        self.grid, self.num_masked = grid, num_masked
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        import data
+        img = sample["image"]
+        view1 = data.random_resized_crop_flip(img, rng, scale=(0.35, 1.0))
+        view2 = img.flip(-1) if rng.random() < 0.5 else img
+        mask = mim.block_mask(*self.grid, self.num_masked, rng)                 # (h, w) bool
+        return {"view1": view1, "view2": view2, "mask": torch.from_numpy(mask.reshape(-1)),
+                "labels": sample["labels"]}
+
+
+def _hybrid_geometry(backbone: nn.Module, args):
+    """-> (grid (h, w), num_masked) of the hybrid's masks at --img-size."""
+    patch = backbone.patch_size if callable(getattr(backbone, "forward_tokens", None)) \
+        else METANET_MASK_PATCH
+    if args.img_size % patch:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of the mask patch {patch}")
+    grid = (args.img_size // patch,) * 2
+    num_masked = mim.num_masked_for(*grid, args.mask_ratio)
+    if num_masked < 1:
+        raise ValueError(f"--mask-ratio {args.mask_ratio} masks no patch of the {grid[0]}x{grid[1]} "
+                         f"grid: the hybrid's MIM term needs some (e.g. 0.4)")
+    return grid, num_masked
+
+
+def setup_hybrid(args, with_data: bool = True) -> Stage:
+    if getattr(args, "teacher", None):
+        raise ValueError("--teacher is for --stage mim; the hybrid stage regresses pixels, no teacher")
+    specs = (args.data or "gvd/shape").split(",")
+    if with_data or not getattr(args, "num_labels", None):
+        parts = _sources(specs, "train", args.img_size, ("cls",))
+        for spec, ds in zip(specs, parts):
+            if "labels" not in ds[0]:
+                raise ValueError(f"--data {spec} has no multi-hot 'labels'; the hybrid stage's "
+                                 f"multi-label task needs them (gvd/shape has them)")
+        widths = {spec: len(ds[0]["labels"]) for spec, ds in zip(specs, parts)}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"--data sources have multi-hot labels of different widths {widths}; "
+                             f"one multi-label head needs one label space")
+        args.num_labels = widths[specs[0]]                                         # -> the config
+    with torch.random.fork_rng(devices=[]):              # same initial weights on every rank
+        torch.manual_seed(args.seed)
+        backbone = build_backbone(args.arch, img_size=args.img_size, num_classes=0,
+                                  drop_path_rate=args.drop_path, use_mask_token=True)
+        grid, num_masked = _hybrid_geometry(backbone, args)
+        model = Hybrid(backbone, args.num_labels, num_masked)
+    if not with_data:
+        return Stage(model)
+    import data
+    augmented = [data.Augmented(ds, _HybridAugment(grid, num_masked), args.seed) for ds in parts]
+    train_set = augmented[0] if len(augmented) == 1 else _ConcatEpochs(augmented)
+    return Stage(model, train_set, evaluate_hybrid, images_per_sample=2)
+
+
+@torch.no_grad()
+def evaluate_hybrid(model: Hybrid, args, device, n: int = 256, batch_size: int = 100) -> dict:
+    """On the first source's test split, eval mode:
+    test_mAP: the multi-label head's mAP over the whole split (whole images), beside
+    test_mAP_chance, the mean share of positives per class (the mAP of random scores);
+    test_multilabel / test_mim / test_nce / test_loss: the training losses on the first n images
+    (views and masks as in training, InfoNCE among those n), beside test_mim_zero, the pixel loss
+    of predicting every patch's mean (what a short run must beat)."""
+    import data
+    spec = (args.data or "gvd/shape").split(",")[0]
+    ds = data.build_dataset(spec, "test", img_size=args.img_size)
+    was = model.training
+    model.eval()
+    scores, targets = [], []
+    for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=data.collate):
+        scores.append(model.head(None, model.backbone(batch["image"].to(device))).float().cpu())
+        targets.append(batch["labels"].cpu())
+    scores, targets = torch.cat(scores), torch.cat(targets)                     # (T, K) each
+    out = {"test_mAP": tasks.mean_average_precision(scores, targets),
+           "test_mAP_chance": targets.mean(0)[targets.sum(0) > 0].mean().item()}
+    grid = (args.img_size // model.patch,) * 2
+    aug = data.Augmented(ds, _HybridAugment(grid, model.num_masked), args.seed)
+    batch = to_device(data.collate([aug[i] for i in range(min(n, len(ds)))]), device)
+    loss, terms = model(batch, every_rank=False)
+    model.train(was)
+    out.update({f"test_{k}": v.item() for k, v in terms.items()}, test_loss=loss.item())
+    view1 = batch["view1"]
+    out["test_mim_zero"] = pixel_mim_loss(torch.zeros_like(view1), view1, batch["mask"], model.patch,
+                                          denom=len(view1) * model.num_masked).item()
+    return out
 
 
 STAGES = {
@@ -901,19 +1159,21 @@ STAGES = {
     "mim": setup_mim,
     "expert": setup_expert,
     "generalist": setup_generalist,
-    "hybrid": _not_yet("hybrid", "multi-label + pixel MIM + contrastive in one stage, seed 003"),
+    "hybrid": setup_hybrid,
 }
 
 
 # ----------------------------------------------------------------------------- distributed
 
-def init_distributed():
-    """From torchrun's environment: (rank, world, device). Starts the process group once."""
+def init_distributed(timeout_s: float = 600):
+    """From torchrun's environment: (rank, world, device). Starts the process group once.
+    timeout_s bounds every collective: a rank whose peer died or hangs raises instead of waiting
+    forever (torch's default is 30 min for gloo, and NCCL can wait indefinitely)."""
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
@@ -968,6 +1228,19 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
+class RankLost(RuntimeError):
+    """Another rank died or stopped answering in a collective; this rank leaves instead of hanging."""
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """Is `e` a collective that failed because a peer is gone (closed socket, timeout)? gloo
+    raises plain RuntimeErrors for these, so the backend's own words are the only sign."""
+    if not distributed() or not isinstance(e, RuntimeError) or isinstance(e, (TrainingDiverged, CheckpointError)):
+        return False
+    words = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "broken pipe")
+    return isinstance(e, getattr(dist, "DistError", ())) or any(w in str(e).lower() for w in words)
+
+
 # ----------------------------------------------------------------------------- the run
 
 class Run:
@@ -994,7 +1267,7 @@ class Run:
 
 def build_run(args, resume_state: dict | None = None) -> Run:
     """Stage + model (+ weights to resume or init from) + wrapping + optimizer + schedule."""
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(getattr(args, "dist_timeout", 600))
     if (args.zero or args.fsdp) and not distributed():
         raise ValueError("--zero / --fsdp shard over ranks: launch with torchrun "
                          "(e.g. torchrun --nproc_per_node=2 stages.py ...)")
@@ -1269,10 +1542,17 @@ def reuse_checkpoint(args, ckpt_path: str) -> bool:
 def train(args, stop_at: int | None = None) -> dict:
     """Run (or resume) one stage. stop_at: leave after that step, as a preempted job would.
     Returns the final metrics (rank 0; other ranks get {})."""
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(getattr(args, "dist_timeout", 600))
     ckpt_path = os.path.join(args.out, "last.pt")
     log_path = os.path.join(args.out, "log.jsonl")
     resume_state = None
+    if rank == 0 and os.path.isdir(args.out):
+        # a save killed mid-write leaves its temp file (never last.pt itself): drop such leftovers
+        stale = [f for f in os.listdir(args.out) if f.startswith(".tmp_") and f.endswith(".pt")]
+        for f in stale:
+            os.remove(os.path.join(args.out, f))
+        if stale:
+            print(f"[stages] removed {len(stale)} partial checkpoint file(s) of an interrupted save")
     if args.reuse and os.path.exists(ckpt_path) and reuse_checkpoint(args, ckpt_path):
         return dict(load_checkpoint(ckpt_path)["metrics"]) if rank == 0 else {}
     if os.path.exists(ckpt_path):
@@ -1310,46 +1590,58 @@ def train(args, stop_at: int | None = None) -> dict:
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True,
                desc=f"{args.stage} {args.arch}")
     step = start
-    for micro in batches(run, start):
-        try:
-            terms = train_step(run, micro)
-        except TrainingDiverged as e:
-            bar.close()
-            raise TrainingDiverged(
-                f"loss is not finite at step {step + 1}: {e.args[0]}. {ckpt_path} still holds "
-                f"step {last_saved}" + (" (no checkpoint yet)" if last_saved == 0 else "") +
-                f". To continue: rerun with --resume and a lower --lr (e.g. {args.lr / 2:g}), "
-                f"and/or --precision fp32") from None
-        step += 1
-        seen += args.batch_size * run.stage.images_per_sample
-        first_loss = terms["loss"] if first_loss is None else first_loss
-        metrics.update(terms)
-        bar.update(1)
-        bar.set_postfix(loss=f"{terms['loss']:.4f}")
-        if step % args.log_every == 0 or step == args.steps:
-            now = time.time()
-            terms["images_per_s"] = seen / max(now - t_log, 1e-9)
-            seen, t_log = 0, now
-            if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, **terms}) + "\n")
-        done = step == args.steps
-        if done and not args.no_eval and run.stage.evaluate is not None:
-            plain = eval_model(run)
-            if rank == 0:
-                ev = run.stage.evaluate(plain, args, device)
-                metrics.update(ev)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, **ev}) + "\n")
-            barrier()
-        if done or (args.ckpt_every and step % args.ckpt_every == 0) or step == stop_at:
-            ckpt = make_checkpoint(run, step, metrics)
-            if rank == 0:
-                save_checkpoint(ckpt_path, ckpt)
-            last_saved = step
-            barrier()
-        if done or step == stop_at:
-            break
+    try:
+        for micro in batches(run, start):
+            try:
+                terms = train_step(run, micro)
+            except TrainingDiverged as e:
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss is not finite at step {step + 1}: {e.args[0]}. {ckpt_path} still holds "
+                    f"step {last_saved}" + (" (no checkpoint yet)" if last_saved == 0 else "") +
+                    f". To continue: rerun with --resume and a lower --lr (e.g. {args.lr / 2:g}), "
+                    f"and/or --precision fp32") from None
+            step += 1
+            seen += args.batch_size * run.stage.images_per_sample
+            first_loss = terms["loss"] if first_loss is None else first_loss
+            metrics.update(terms)
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            if step % args.log_every == 0 or step == args.steps:
+                now = time.time()
+                terms["images_per_s"] = seen / max(now - t_log, 1e-9)
+                seen, t_log = 0, now
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, **terms}) + "\n")
+            done = step == args.steps
+            if done and not args.no_eval and run.stage.evaluate is not None:
+                plain = eval_model(run)
+                if rank == 0:
+                    ev = run.stage.evaluate(plain, args, device)
+                    metrics.update(ev)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, **ev}) + "\n")
+                barrier()
+            if done or (args.ckpt_every and step % args.ckpt_every == 0) or step == stop_at:
+                ckpt = make_checkpoint(run, step, metrics)
+                if rank == 0:
+                    save_checkpoint(ckpt_path, ckpt)
+                last_saved = step
+                barrier()
+            if done or step == stop_at:
+                break
+    except RuntimeError as e:
+        if not _peer_failure(e):
+            raise
+        bar.close()
+        raise RankLost(
+            f"rank {rank} of {world} lost the other ranks during step {step + 1} ({str(e).strip()[:200]}). "
+            f"Another rank probably died (out of memory, killed, a node lost) or hangs; its own log "
+            f"says why. " + (f"{ckpt_path} holds step {last_saved}: relaunch every rank with --resume "
+                             f"to continue from there" if last_saved else
+                             "No checkpoint was written yet (--ckpt-every N saves more often): relaunch "
+                             "to start over")) from None
     bar.close()
     wall = time.time() - t_start
     if rank == 0 and step == args.steps:
@@ -1413,6 +1705,11 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         train(args)
         code = 0
+    except RankLost as e:
+        print(f"[stages] error: {e}", file=sys.stderr)          # every survivor says it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)           # no destroy_process_group: it would wait on the lost rank
     except (ValueError, CheckpointError, TrainingDiverged, NotImplementedError) as e:
         if not distributed() or dist.get_rank() == 0:
             print(f"[stages] error: {e}", file=sys.stderr)

@@ -447,3 +447,115 @@ def test_main_demo_runs(capsys):
     runpy.run_path(metanet.__file__, run_name="__main__")
     out = capsys.readouterr().out
     assert "level 3" in out and "(2, 96, 2, 2)" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# Mask token: masked image modelling at the stem (stages.py --stage hybrid)
+# ------------------------------------------------------------------------------------------------
+
+def _patch_mask(B, h, w, seed=0):
+    """A random bool (B, h, w) patch mask with at least one masked and one visible patch each."""
+    m = torch.rand(B, h, w, generator=torch.Generator().manual_seed(seed)) < 0.4
+    m[:, 0, 0], m[:, -1, -1] = True, False
+    return m
+
+
+def _pixels(mask, p):
+    """(B, h, w) patch mask -> (B, 1, h*p, w*p) pixel mask, by loops (independent of the model's)."""
+    B, h, w = mask.shape
+    out = torch.zeros(B, 1, h * p, w * p, dtype=torch.bool)
+    for b in range(B):
+        for i in range(h):
+            for j in range(w):
+                out[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p] = mask[b, i, j]
+    return out
+
+
+def test_mask_token_is_opt_in_and_inert_without_a_mask():
+    plain = metanet.build("metanet_demo")
+    assert plain.mask_token is None and "mask_token" not in plain.state_dict()
+    with pytest.raises(ValueError, match="use_mask_token"):
+        plain.forward_levels(torch.randn(1, 3, 64, 64), mask=torch.ones(1, 8, 8, dtype=torch.bool))
+    torch.manual_seed(3)
+    a = metanet.build("metanet_demo")
+    torch.manual_seed(3)
+    b = metanet.build("metanet_demo", use_mask_token=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sb) - set(sa) == {"mask_token"} and b.mask_token.shape == (1, 16, 1, 1)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)     # drawn last: the same weights otherwise
+    assert 0 < b.mask_token.abs().max() <= 0.04             # small init, like EVA's
+    # a masked model given no mask (or an empty one) is exactly the plain model
+    b = demo(use_mask_token=True).eval()
+    a.load_state_dict({k: v for k, v in b.state_dict().items() if k != "mask_token"})
+    a.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref_levels, ref_pooled = a.forward_levels(x)
+        for mask in (None, torch.zeros(2, 8, 12, dtype=torch.bool)):
+            levels, pooled = b.forward_levels(x, mask=mask)
+            torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=0)
+            for f, g in zip(levels, ref_levels):
+                torch.testing.assert_close(f, g, rtol=0, atol=0)
+
+
+def test_masked_stem_matches_hand_reference():
+    """Zero the masked 8x8 pixel blocks, run the stem, overwrite the 4x4 stem cells of each masked
+    patch with the token, run the blocks: the same levels and pooled feature as forward_levels."""
+    model = demo(use_mask_token=True).eval()
+    with torch.no_grad():
+        model.mask_token.normal_()                        # clearly not zero
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    model.double()
+    mask = _patch_mask(2, 8, 12)
+    with torch.no_grad():
+        levels, pooled = model.forward_levels(x, mask=mask)
+        s = model.stem(x.masked_fill(_pixels(mask, 8), 0.0))          # (2, 16, 32, 48)
+        for b, i, j in mask.nonzero().tolist():
+            s[b, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = model.mask_token[0]
+        ref = []
+        for k, blk in enumerate(model.blocks):
+            s = blk(s)
+            if k in model.level_blocks:
+                ref.append(s)
+        ref_pooled = model.head(s).mean(dim=(2, 3))
+    for f, g in zip(levels, ref):
+        torch.testing.assert_close(f, g, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_masked_pixels_reach_the_output_only_through_the_token(train):
+    model = demo(use_mask_token=True).train(train)
+    x = torch.randn(2, 3, 64, 64)
+    mask = _patch_mask(2, 4, 4, seed=1)                   # 16 px patches this time
+    pix = _pixels(mask, 16)
+    noise = torch.randn_like(x)
+    with torch.no_grad():
+        ref_levels, ref_pooled = model.forward_levels(x, mask=mask)
+        # anything inside masked patches: no effect at all, on every level (BN batch stats included)
+        levels, pooled = model.forward_levels(torch.where(pix, noise * 5, x), mask=mask)
+        torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=0)
+        for f, g in zip(levels, ref_levels):
+            torch.testing.assert_close(f, g, rtol=0, atol=0)
+        # a visible pixel does reach the output, and so does the token
+        _, pooled = model.forward_levels(torch.where(pix, x, x + noise), mask=mask)
+        assert (pooled - ref_pooled).abs().max() > 1e-4
+        model.mask_token.add_(0.5)
+        _, pooled = model.forward_levels(x, mask=mask)
+        assert (pooled - ref_pooled).abs().max() > 1e-4
+    _, pooled = model.forward_levels(x, mask=mask)
+    pooled.square().sum().backward()
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+
+
+def test_bad_masks_raise():
+    model = metanet.build("metanet_demo", use_mask_token=True)
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="bool"):
+        model.forward_levels(x, mask=torch.ones(2, 8, 8))
+    with pytest.raises(ValueError, match="bool"):
+        model.forward_levels(x, mask=torch.ones(2, 64, dtype=torch.bool))      # flat (B, N)
+    with pytest.raises(ValueError, match="even number of pixels"):
+        model.forward_levels(x, mask=torch.ones(2, 3, 3, dtype=torch.bool))    # does not tile
+    with pytest.raises(ValueError, match="even number of pixels"):
+        model.forward_levels(x, mask=torch.ones(2, 64, 64, dtype=torch.bool))  # 1 px patches

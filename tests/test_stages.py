@@ -9,9 +9,12 @@ the same global batch made in the test process.
 import json
 import math
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -283,8 +286,8 @@ def test_bad_input_errors(tmp_path):
         stages.build_run(stages.parse_args(tiny(tmp_path, "--zero")))
     with pytest.raises(ValueError, match="--teacher"):
         stages.STAGES["mim"](stages.parse_args(tiny(tmp_path, "--stage", "mim")))
-    with pytest.raises(NotImplementedError, match="hybrid"):
-        stages.STAGES["hybrid"](stages.parse_args(tiny(tmp_path, "--stage", "hybrid")))
+    with pytest.raises(ValueError, match="labels"):
+        stages.STAGES["hybrid"](stages.parse_args(tiny(tmp_path, "--stage", "hybrid", "--data", "gvd/attr")))
     with pytest.raises(ValueError, match="--task"):
         stages.STAGES["expert"](stages.parse_args(tiny(tmp_path, "--stage", "expert")))
     with pytest.raises(ValueError, match="--main"):
@@ -473,6 +476,145 @@ def test_reuse_skips_identical_complete_run_and_refuses_changes(tmp_path, capsys
     assert stages.load_checkpoint(str(part / "last.pt"))["step"] == 3
 
 
+# ----------------------------------------------------------------------------- hybrid (seed 003)
+
+def _pixel_mask(mask, B, h, w, p):
+    """(B, h*w) patch mask -> (B, 1, h*p, w*p) pixel mask."""
+    return mask.view(B, 1, h, 1, w, 1).expand(B, 1, h, p, w, p).reshape(B, 1, h * p, w * p)
+
+
+def test_pixel_mim_loss_matches_naive_reference_and_reads_masked_patches_only():
+    g = torch.Generator().manual_seed(0)
+    B, p, h, w = 3, 4, 2, 3
+    pred = torch.randn(B, 3, h * p, w * p, generator=g, dtype=torch.float64)
+    images = 2 * torch.randn(B, 3, h * p, w * p, generator=g, dtype=torch.float64) + 1
+    mask = torch.rand(B, h * w, generator=g) < 0.5
+    mask[:, 0], mask[:, -1] = True, False
+    errs = []                                       # by hand: patch by patch, masked ones only
+    for b, n in mask.nonzero().tolist():
+        i, j = divmod(n, w)
+        t = images[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p]
+        t = (t - t.mean()) / torch.sqrt(t.var() + 1e-6)          # MAE's norm_pix (unbiased var)
+        errs.append((pred[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p] - t).abs().mean())
+    errs = torch.stack(errs)
+    base = stages.pixel_mim_loss(pred, images, mask, p)
+    assert abs(base.item() - errs.mean().item()) < 1e-5
+    assert abs(stages.pixel_mim_loss(pred, images, mask, p, denom=B * 4).item()
+               - errs.sum().item() / (B * 4)) < 1e-5
+    # visible patches of the target and of the prediction do not count; a masked patch does
+    pix = _pixel_mask(mask, B, h, w, p)
+    noise = 10 * torch.randn(images.shape, generator=g, dtype=torch.float64)
+    assert torch.equal(stages.pixel_mim_loss(pred, torch.where(pix, images, noise), mask, p), base)
+    assert torch.equal(stages.pixel_mim_loss(torch.where(pix, pred, noise), images, mask, p), base)
+    other = images.clone()
+    other[0, :, :p, :p] += noise[0, :, :p, :p]                    # patch 0 of image 0: masked
+    assert abs(stages.pixel_mim_loss(pred, other, mask, p).item() - base.item()) > 1e-3
+    with pytest.raises(ValueError, match="mask"):
+        stages.pixel_mim_loss(pred, images, mask[:, :-1], p)
+
+
+def test_info_nce_matches_naive_reference():
+    g = torch.Generator().manual_seed(1)
+    z1 = F.normalize(torch.randn(5, 7, generator=g, dtype=torch.float64), dim=-1)
+    z2 = F.normalize(torch.randn(5, 7, generator=g, dtype=torch.float64), dim=-1)
+    for tau in (0.3, stages.HYBRID_TEMPERATURE):
+        ref = 0.0
+        for a, b in ((z1, z2), (z2, z1)):           # each view picks its partner among the other's
+            for i in range(5):
+                logits = torch.stack([a[i] @ b[j] / tau for j in range(5)])
+                ref += -(logits[i] - torch.logsumexp(logits, 0))
+        got = stages.info_nce(z1, z2, tau)
+        assert abs(got.item() - ref.item() / 10) < 1e-10
+        assert torch.equal(stages.info_nce(z1, z2, tau, every_rank=False), got)
+    assert abs(stages.info_nce(z1, z2).item() - stages.info_nce(z2, z1).item()) < 1e-12
+
+
+def _hybrid_batch(arch, img_size, n):
+    import data
+    args = stages.parse_args(chain_args("hybrid", "unused", "--arch", arch, "--img-size", str(img_size),
+                                        "--steps", "1"))
+    stage = stages.setup_hybrid(args)
+    return stage, data.collate([stage.train_set[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("arch", ["eva_demo", "metanet_demo"])
+def test_hybrid_terms_decoder_layout_and_masking(arch):
+    """The total is the weighted sum of the terms; the BCE equals a by-hand BCE of the head's
+    logits on the whole image; the decoder's output at a feature location is the prediction of the
+    pixels under it; pixels inside masked patches of the masked view reach nothing."""
+    stage, batch = _hybrid_batch(arch, 64, 4)
+    model, b = stage.model.train(), 4
+    with torch.no_grad():
+        loss, terms = model(batch)
+        assert set(terms) == {"multilabel", "mim", "nce"}
+        assert abs(loss.item() - sum(stages.HYBRID_WEIGHTS[k] * v.item() for k, v in terms.items())) < 1e-5
+        logits = model.head.fc(model.backbone(batch["view2"])).double()
+        y = batch["labels"].double()
+        bce = -(y * F.logsigmoid(logits) + (1 - y) * F.logsigmoid(-logits)).mean()
+        assert abs(terms["multilabel"].item() - bce.item()) < 1e-5
+
+        view1, mask = batch["view1"], batch["mask"]
+        pred, pooled = model._masked(view1, mask)                          # (b, 3, 64, 64)
+        s = model.dec_stride
+        if arch == "eva_demo":
+            feats = model.backbone.fc_norm(model.backbone.forward_tokens(view1, mask)[:, 1:])
+        else:
+            h, w = 64 // model.patch, 64 // model.patch
+            last = model.backbone.forward_levels(view1, mask=mask.view(b, h, w))[0][-1]
+            feats = model.dec_norm(last.flatten(2).transpose(1, 2))        # (b, 4, C)
+        out = model.decoder(feats[:, 1])                  # location (0, 1): pixel rows 0..s, cols s..2s
+        torch.testing.assert_close(pred[:, :, :s, s:2 * s], out.view(b, s, s, 3).permute(0, 3, 1, 2))
+
+        grid = 64 // model.patch
+        pix = _pixel_mask(mask, b, grid, grid, model.patch)
+        noise = 5 * torch.randn_like(view1)
+        pred2, pooled2 = model._masked(torch.where(pix, noise, view1), mask)
+        assert torch.equal(pred2, pred) and torch.equal(pooled2, pooled)
+        pred3, _ = model._masked(torch.where(pix, view1, noise), mask)
+        assert (pred3 - pred).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["eva_demo", "metanet_demo"])
+def test_hybrid_short_run_lowers_all_three_losses_and_loads_as_backbone(arch, tmp_path):
+    """8 engine steps on one fixed batch lower each of the three losses on that batch; the
+    checkpoint's backbone loads through load_backbone (mask token dropped) for probe.py / --init."""
+    args = stages.parse_args(chain_args("hybrid", tmp_path, "--arch", arch, "--steps", "8",
+                                        "--lr", "1e-3", "--drop-path", "0"))
+    run = stages.build_run(args)
+    import data
+    batch = data.collate([run.stage.train_set[i] for i in range(8)])
+
+    def terms():
+        with torch.no_grad():
+            return {k: v.item() for k, v in run.raw(batch)[1].items()}
+    before = terms()
+    for _ in range(8):
+        stages.train_step(run, [batch])
+    after = terms()
+    assert set(before) == {"multilabel", "mim", "nce"}
+    for k in before:
+        assert after[k] < before[k] - 0.02, (k, before, after)
+
+    path = str(tmp_path / "last.pt")
+    stages.save_checkpoint(path, stages.make_checkpoint(run, 8, {}))
+    backbone, cfg = stages.load_backbone(path)
+    assert cfg["stage"] == "hybrid" and cfg["num_labels"] == 10
+    assert getattr(backbone, "mask_token", None) is None and "mask_token" not in backbone.state_dict()
+    x = torch.rand(3, 3, 32, 32)
+    run.raw.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), run.raw.backbone(x), rtol=0, atol=1e-6)
+    model, _ = stages.load_stage_model(path, expect_stage="hybrid")
+    assert all(torch.equal(v, run.raw.state_dict()[k]) for k, v in model.state_dict().items())
+    if arch == "eva_demo":                           # the end-of-run evaluation, on a few images
+        ev = stages.evaluate_hybrid(model.train(), args, "cpu", n=16)
+        assert model.training                        # mode restored
+        assert set(ev) == {"test_mAP", "test_mAP_chance", "test_multilabel", "test_mim", "test_nce",
+                           "test_loss", "test_mim_zero"}
+        assert 0 < ev["test_mAP_chance"] < 1 and 0 < ev["test_mAP"] <= 1
+        assert all(math.isfinite(v) for v in ev.values())
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -488,11 +630,14 @@ def test_two_ranks_ddp_zero_fsdp_match_one_rank(tmp_path, chain):
                                          "--teacher", chain["amateur"] + "/last.pt", *x)
     expert_run = lambda out: chain_args("expert", out, "--task", "cls", "--steps", "2",  # noqa: E731
                                         "--no-eval", "--lr", "1e-3")
+    hybrid_run = lambda out: chain_args("hybrid", out, "--steps", "2", "--no-eval",  # noqa: E731
+                                        "--lr", "1e-3")
     runs = {"local": tiny(tmp_path / "local"), "zero": tiny(tmp_path / "zero", "--zero"),
             "fsdp": tiny(tmp_path / "fsdp", "--fsdp"),
             "accum": tiny(tmp_path / "accum", "--accum", "2"),      # DDP no_sync on micro-batch 1
             "mim_fsdp": mim_run(tmp_path / "mim_fsdp", "--fsdp"),
             "expert_ddp": expert_run(tmp_path / "expert_ddp"),
+            "hybrid_ddp": hybrid_run(tmp_path / "hybrid_ddp"),
             "ddp": tiny(tmp_path / "ddp")}           # the last one goes through stages.main()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master-port={_free_port()}", os.path.abspath(__file__), json.dumps(runs)]
@@ -503,6 +648,7 @@ def test_two_ranks_ddp_zero_fsdp_match_one_rank(tmp_path, chain):
     stages.train(stages.parse_args(tiny(tmp_path / "one_accum", "--accum", "2")))
     stages.train(stages.parse_args(mim_run(tmp_path / "one_mim")))
     stages.train(stages.parse_args(expert_run(tmp_path / "one_expert")))
+    stages.train(stages.parse_args(hybrid_run(tmp_path / "one_hybrid")))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     ref = params(tmp_path / "one")
@@ -511,13 +657,87 @@ def test_two_ranks_ddp_zero_fsdp_match_one_rank(tmp_path, chain):
         ck = torch.load(tmp_path / name / "last.pt", weights_only=True)
         assert ck["config"]["world_size"] == 2 and ck["config"]["mode"] == name and len(ck["rng"]) == 2
         assert ck["optimizer"]["state"]                                 # consolidated / full
-    for one, two in (("one_mim", "mim_fsdp"), ("one_expert", "expert_ddp")):
+    for one, two in (("one_mim", "mim_fsdp"), ("one_expert", "expert_ddp"), ("one_hybrid", "hybrid_ddp")):
         assert_same_params(params(tmp_path / one), params(tmp_path / two))
     assert changed(params(tmp_path / "one_mim"), params(chain["mim"])) > 1e-3
     # accumulation: 2 micro-batches of 4 (2 per rank) per step = the same on 1 rank
     assert_same_params(params(tmp_path / "one_accum"), params(tmp_path / "accum"))
     assert changed(ref, params(tmp_path / "one_accum")) > 1e-3     # negatives per micro-batch only
     assert changed(ref, params(tmp_path / "local")) > 1e-3
+
+
+# ----------------------------------------------------------------------------- faults: kill -9, a lost rank
+
+def _wait_for_step(log_path, step, proc, limit=120):
+    """Block until log.jsonl reports `step` (the run is mid-training), or fail."""
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        if os.path.exists(log_path):
+            lines = [json.loads(x) for x in open(log_path).read().splitlines() if x.strip()]
+            if lines and lines[-1]["step"] >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} in {log_path} after {limit} s")
+
+
+def test_kill_9_mid_run_keeps_last_checkpoint_and_resume_finishes_it(tmp_path):
+    """SIGKILL a real run (a checkpoint every step) twice at random moments: each time last.pt
+    is readable, and --resume ends where an uninterrupted run ends."""
+    more = ["--steps", "24", "--ckpt-every", "1"]
+    stages.train(stages.parse_args(tiny(tmp_path / "whole", *more)))
+    part = tmp_path / "part"
+    cmd = [sys.executable, "stages.py", *tiny(part, *more)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rng = random.Random()                                     # fresh moments on every test run
+    kills = []
+    for attempt in range(2):
+        proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        _wait_for_step(part / "log.jsonl", 2 + 8 * attempt, proc)
+        time.sleep(rng.uniform(0.0, 0.3))                     # anywhere in a step, a save included
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ck = stages.load_checkpoint(str(part / "last.pt"), expect_stage="amateur")
+        assert 1 <= ck["step"] < 24
+        kills.append(ck["step"])
+    assert kills[1] > kills[0]                                # the first resume made progress
+    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not [f for f in os.listdir(part) if f.startswith(".tmp_")]
+    assert_same_params(params(tmp_path / "whole"), params(part), atol=1e-6)
+    log = [json.loads(x)["step"] for x in open(part / "log.jsonl")]
+    assert log == list(range(1, 25))                          # no step lost or repeated in the log
+
+
+def test_a_lost_rank_ends_the_others_with_a_clear_message(tmp_path):
+    """Two ranks started by hand (no torchrun to clean up after them): rank 1 is killed, or
+    frozen (SIGSTOP, a hang), mid-run; rank 0 leaves within the timeout, naming the problem and
+    the checkpoint to resume from."""
+    for how, sig in (("killed", signal.SIGKILL), ("frozen", signal.SIGSTOP)):
+        out = tmp_path / how
+        port = _free_port()
+        procs = []
+        for rank in (0, 1):
+            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                       LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen(
+                [sys.executable, "stages.py", *tiny(out, "--steps", "400", "--ckpt-every", "2",
+                                                    "--dist-timeout", "8")],
+                cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        try:
+            _wait_for_step(out / "log.jsonl", 3, procs[0])
+            procs[1].send_signal(sig)
+            text, _ = procs[0].communicate(timeout=90)     # --dist-timeout 8: never near 90 s
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert procs[0].returncode == 1
+        assert "lost the other ranks" in text and "--resume" in text and "Traceback" not in text, text[-2000:]
+        step = stages.load_checkpoint(str(out / "last.pt"))["step"]
+        assert step >= 2 and f"holds step {step}" in text
 
 
 def _gather_without_grad(x):
