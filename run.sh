@@ -21,6 +21,8 @@ export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 # -> GV-B-mini probe. `bash run.sh adapt` then adds the Down-A rows (LP-FT, distillation);
 # `--quick` does both.
 # Each stage reuses its checkpoint when one with the same config is already complete (--reuse).
+# Stages that do not depend on each other run two at a time, one thread each: these small models
+# use a second thread poorly (two 1-thread runs together take 1.2x one 2-thread run, not 2x).
 pipeline() {
     local runs=${RUNS_DIR:-runs}
     local out=$runs/demo steps=${STEPS:-120} probe_steps=60 caps="--max-train 600 --max-test 300"
@@ -32,20 +34,28 @@ pipeline() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
     local arch=eva_demo t0=$SECONDS
     local S=("$PY" stages.py --arch "$arch" --reuse "${stage_opts[@]}")
-    mkdir -p "$out"
-    echo "[run.sh] pipeline into $out/ (arch $arch, $steps steps per stage)"
-    "${S[@]}" --stage amateur --steps "$steps" --out "$out/amateur"
-    "${S[@]}" --stage mim --steps "$steps" --teacher "$out/amateur/last.pt" --out "$out/mim"
-    for task in cls det seg; do
-        "${S[@]}" --stage expert --task "$task" --steps "$steps" --init "$out/mim/last.pt" --out "$out/expert_$task"
-    done
+    mkdir -p "$out/logs"
+    echo "[run.sh] pipeline into $out/ (arch $arch, $steps steps per stage; stage logs in $out/logs/)"
+    # one function per stage (they read this function's locals: bash scoping is dynamic)
+    amateur() { "${S[@]}" --stage amateur --steps "$steps" --out "$out/amateur"; }
+    mim() { "${S[@]}" --stage mim --steps "$steps" --teacher "$out/amateur/last.pt" --out "$out/mim"; }
+    expert_cls() { "${S[@]}" --stage expert --task cls --steps "$steps" --init "$out/mim/last.pt" --out "$out/expert_cls"; }
+    expert_det() { "${S[@]}" --stage expert --task det --steps "$steps" --init "$out/mim/last.pt" --out "$out/expert_det"; }
+    expert_seg() { "${S[@]}" --stage expert --task seg --steps "$steps" --init "$out/mim/last.pt" --out "$out/expert_seg"; }
     # the "ImageNet baseline": the same backbone trained from scratch on upstream classification only
-    "${S[@]}" --stage expert --task cls --steps "$steps" --out "$out/supervised"
-    "${S[@]}" --stage generalist --steps "$steps" --main cls \
-        --experts "cls=$out/expert_cls/last.pt,det=$out/expert_det/last.pt,seg=$out/expert_seg/last.pt" \
-        --out "$out/generalist"
+    supervised() { "${S[@]}" --stage expert --task cls --steps "$steps" --out "$out/supervised"; }
     # beside the chain: seed 003's one-stage hybrid (multi-label + pixel MIM + contrastive)
-    "${S[@]}" --stage hybrid --steps "$steps" --out "$out/hybrid"
+    hybrid() { "${S[@]}" --stage hybrid --steps "$steps" --out "$out/hybrid"; }
+    generalist() {
+        "${S[@]}" --stage generalist --steps "$steps" --main cls \
+            --experts "cls=$out/expert_cls/last.pt,det=$out/expert_det/last.pt,seg=$out/expert_seg/last.pt" \
+            --out "$out/generalist"
+    }
+    together amateur hybrid
+    together mim supervised
+    together expert_cls expert_det
+    together expert_seg
+    together generalist
     "$PY" probe.py --steps "$probe_steps" $caps --out "$out/probe" --ckpt "random=random:$arch" \
         "supervised=$out/supervised/last.pt" "amateur=$out/amateur/last.pt" "mim=$out/mim/last.pt" \
         "expert_cls=$out/expert_cls/last.pt" "expert_det=$out/expert_det/last.pt" \
@@ -53,6 +63,32 @@ pipeline() {
         "generalist=$out/generalist/last.pt"     # last: viz/ pictures the generalist's predictions
     echo "[run.sh] done in $((SECONDS - t0)) s; table: $out/probe/gvb.md, pictures: $out/probe/viz/"
     if [ "$1" = "--quick" ]; then adapt "$1"; fi
+}
+
+# Run the named stage functions at the same time (one thread each when two), each into
+# $out/logs/NAME.log; print their one-line summaries; stop with the log's tail if one fails.
+together() {
+    local name pids=() failed=""
+    echo "[run.sh] $* ..."
+    for name in "$@"; do
+        if [ $# -gt 1 ]; then
+            OMP_NUM_THREADS=1 "$name" > "$out/logs/$name.log" 2>&1 &
+        else
+            "$name" > "$out/logs/$name.log" 2>&1 &
+        fi
+        pids+=($!)
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || failed="$failed ${*:$((i + 1)):1}"
+    done
+    for name in "$@"; do grep -a "^\[stages\]" "$out/logs/$name.log" || true; done
+    if [ -n "$failed" ]; then
+        for name in $failed; do
+            echo "[run.sh] stage $name failed; the end of $out/logs/$name.log:" >&2
+            tail -n 20 "$out/logs/$name.log" >&2
+        done
+        exit 1
+    fi
 }
 
 # Down-A on the pipeline's generalist: rows generalist+lpft, student+distill and student, merged
