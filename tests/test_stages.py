@@ -200,12 +200,17 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(stages.CheckpointError, match="not a stages.py checkpoint"):
         stages.load_checkpoint(str(tmp_path / "foreign.pt"))
 
-    class Evil:
+    marker = tmp_path / "pwned"
+
+    class Evil:                                     # unpickling it would create `marker`
         def __reduce__(self):
-            return (os.system, ("echo pwned",))
+            return (os.system, (f"touch {marker}",))
     torch.save({"model": Evil(), "config": {}}, tmp_path / "evil.pt")
     with pytest.raises(stages.CheckpointError, match="cannot be read"):
         stages.load_checkpoint(str(tmp_path / "evil.pt"))
+    assert not marker.exists()                      # refused, and the payload never ran
+    torch.load(tmp_path / "evil.pt", weights_only=False)   # the control: a plain load runs it
+    assert marker.exists()
     assert issubclass(stages.CheckpointError, RuntimeError)
 
 
