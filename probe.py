@@ -406,7 +406,7 @@ def layer_decay_groups(backbone: nn.Module, head: nn.Module, lr: float, wd: floa
     embedding, cls token) at lr * decay**(D + 1); what is registered after the blocks (final
     norm, MetaNet's head conv, a generalist's KTMs) and `head` at lr. The layers nearest the input
     hold the most generic features, so they move least. Norms, biases, tokens and position
-    embeddings get no weight decay (stages.param_groups' rule). Frozen parameters are left out.
+    embeddings get no weight decay (stages.spared_from_decay). Frozen parameters are left out.
     Each group carries its "layer" (0 .. D + 1) and "lr_scale"."""
     import stages
     blocks = backbone.block_list()
@@ -423,7 +423,7 @@ def layer_decay_groups(backbone: nn.Module, head: nn.Module, lr: float, wd: floa
             layer = block_of[id(p)] + 1 if id(p) in block_of else (depth + 1 if past_blocks else 0)
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.split(".")[-1] in stages.NO_DECAY_NAMES or (from_backbone and name in skip)
+        no_decay = stages.spared_from_decay(p, name, skip, name if from_backbone else None)
         scale = decay ** (depth + 1 - layer)
         g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else wd,
                                                   "lr": lr * scale, "lr_scale": scale, "layer": layer})

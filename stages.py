@@ -1199,17 +1199,22 @@ def barrier():
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "logit_scale")
 
 
+def spared_from_decay(p: torch.Tensor, name: str, skip: set = frozenset(), backbone_name: str | None = None) -> bool:
+    """No weight decay for norms, biases, tokens, position embeddings and the logit scale
+    (decaying them shrinks what should stay free), nor for what the backbone's no_weight_decay()
+    lists (`skip`, matched against the parameter's name inside the backbone, if it is in one)."""
+    return p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or backbone_name in skip
+
+
 def param_groups(model: nn.Module, wd: float) -> list:
-    """AdamW groups: decay matrices and conv kernels; spare norms, biases, tokens, position
-    embeddings and the logit scale (decaying them shrinks what should stay free)."""
+    """AdamW groups: decay matrices and conv kernels, spare the rest (spared_from_decay)."""
     skip = set(getattr(model.backbone, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        leaf = name.split(".")[-1]
         bb_name = name[len("backbone."):] if name.startswith("backbone.") else None
-        if p.ndim <= 1 or leaf in NO_DECAY_NAMES or bb_name in skip:
+        if spared_from_decay(p, name, skip, bb_name):
             no_decay.append(p)
         else:
             decay.append(p)
