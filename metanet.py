@@ -413,17 +413,18 @@ class MetaNet(nn.Module):
                 levels.append(x)
         return levels, self.forward_head(self.head(x), pre_logits=True)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B,3,H,W) -> unpooled head map (B, 1280, H/32, W/32)."""
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B,3,H,W) -> unpooled head map (B, 1280, H/32, W/32). `mask`: as forward_levels."""
         self._check_input(x)
-        x = self.stem(x)
+        x = self._stem(x, mask)
         for blk in self.blocks:
             x = self._run_block(blk, x)
         return self.head(x)
 
-    def forward_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-location final features (B, 1280, H/32, W/32); their mean is the pooled feature."""
-        return self.forward_features(x)
+    def forward_patches(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-location final features (B, 1280, H/32, W/32); their mean is the pooled feature.
+        With `mask` (B, h, w) this is what a MIM student predicts from (stages.py --stage mim)."""
+        return self.forward_features(x, mask)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=(2, 3))                               # (B, 1280, h, w) -> (B, 1280)

@@ -16,7 +16,9 @@ What lives here (the stage in stages.py wires these into its training loop):
     mask_for_index, masks_for_indices  the same, keyed by (seed, epoch, sample index)
     num_masked_for, default_min_block  mask size and smallest block for a grid
     Teacher                            any `forward_patches` backbone (+ projection) -> per-patch targets
-    MIMModel, build_student            the EVA student (`backbone.*`) + `lm_head`; forward_loss
+    MIMModel, build_student            the student (`backbone.*`) + `lm_head`; forward_loss. EVA's
+                                       is a ViT; a MetaNet student works too (masked at its stem,
+                                       scored on its stride-32 grid: see MIMModel)
     mim_loss, patch_cosine             negative cosine over masked patches; per-patch cosine
     RECIPE, scaled_lr                  EVA-01's pre-training hyper-parameters
     show, main                         `python mim.py --show mim.pt --data SPEC --out mim.png`
@@ -35,6 +37,8 @@ import eva
 # ----------------------------------------------------------------------------- the recipe
 
 # EVA-01's MIM pre-training (README command + run_eva_pretraining.py), as defaults for the stage.
+METANET_MASK_PATCH = 8   # px per mask cell of a MetaNet student (even: each stride-2 stem position lies in one cell)
+
 RECIPE = dict(
     lr=1e-3,                 # at `ref_batch` images per step; scale linearly (scaled_lr)
     ref_batch=4096,
@@ -251,37 +255,68 @@ class Teacher(nn.Module):
 # ----------------------------------------------------------------------------- student
 
 class MIMModel(nn.Module):
-    """The EVA student: `backbone` (an eva.EVA with a mask token) + `lm_head` Linear(C -> D_t).
+    """The student: `backbone` with a mask token + `lm_head` Linear(C -> D_t).
 
-    The head is EVA's: the backbone's final norm (inside forward_tokens) and one Linear; no
-    decoder. State-dict names are `backbone.*` (a plain eva state dict once the prefix is
-    stripped: eva.load_pretrained takes it), `lm_head.*`, and `teacher.*` when a teacher is attached.
+    EVA (the paper's student): the head is EVA's, the backbone's final norm (inside
+    forward_tokens) and one Linear, no decoder; masks, predictions and targets share the patch grid.
+    MetaNet (INTERN's backbone; a CNN has no tokens): the mask lives on a grid of `mask_patch` px
+    (METANET_MASK_PATCH, as the hybrid stage), hidden at the stem; predictions come from the head
+    map (its BN is the final norm) at the total stride, and the teacher's targets are resized to
+    that coarser grid. A target cell then counts by the share of it that was masked
+    (`target_weights`), which for EVA is exactly the 0/1 mask.
+    State-dict names are `backbone.*` (a plain backbone state dict once the prefix is stripped),
+    `lm_head.*`, and `teacher.*` when a teacher is attached.
 
     teacher: optional Teacher kept as a child so checkpoints carry it and .to(device) moves it.
         forward(images, mask) does not call it; forward_loss does. Under FSDP2 keep its
         parameters out of the sharding (fully_shard(..., ignored_params=...)).
     """
 
-    def __init__(self, backbone: eva.EVA, target_dim: int, teacher: Teacher | None = None):
+    def __init__(self, backbone: nn.Module, target_dim: int, teacher: Teacher | None = None,
+                 mask_patch: int = METANET_MASK_PATCH):
         super().__init__()
         if getattr(backbone, "mask_token", None) is None:
-            raise ValueError("the student needs a mask token: build it with "
-                             "eva.build(name, use_mask_token=True) (or use build_student)")
+            raise ValueError("the student needs a mask token: build it with use_mask_token=True "
+                             "(eva.build or metanet.build; or use build_student)")
+        self.is_vit = callable(getattr(backbone, "forward_tokens", None))
+        # mask grid and target grid, in pixels per cell; equal for a ViT
+        self.mask_patch = backbone.patch_size if self.is_vit else mask_patch
+        self.target_patch = backbone.patch_size if self.is_vit else backbone.level_strides[-1]
+        if self.target_patch % self.mask_patch:
+            raise ValueError(f"mask_patch {self.mask_patch} must divide the student's stride "
+                             f"{self.target_patch}")
         if teacher is not None and teacher.out_dim != target_dim:
             raise ValueError(f"target_dim={target_dim} but the teacher produces {teacher.out_dim}-d targets")
-        if teacher is not None and teacher.patch_size != backbone.patch_size:
+        if teacher is not None and teacher.patch_size != self.target_patch:
             raise ValueError(f"the teacher resizes targets for patch_size={teacher.patch_size} but the "
-                             f"student's patch size is {backbone.patch_size}: build Teacher(..., "
-                             f"patch_size={backbone.patch_size})")
+                             f"student predicts on a grid of {self.target_patch} px: build Teacher(..., "
+                             f"patch_size={self.target_patch})")
         self.backbone = backbone
-        self.lm_head = nn.Linear(backbone.embed_dim, target_dim)
+        width = backbone.embed_dim if self.is_vit else backbone.num_features
+        self.lm_head = nn.Linear(width, target_dim)
         nn.init.trunc_normal_(self.lm_head.weight, std=0.02, a=-0.04, b=0.04)
         nn.init.zeros_(self.lm_head.bias)
         self.teacher = teacher
 
+    def target_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask bool (B, N) on the mask grid -> the loss's mask on the target grid: the same bool
+        mask for a ViT; for MetaNet the float share (B, N_t) of each target cell that is masked."""
+        if self.is_vit:
+            return mask
+        r = self.target_patch // self.mask_patch
+        B, N = mask.shape
+        g = math.isqrt(N)
+        cells = rearrange(mask.float(), "b (h r w s) -> b (h w) (r s)", h=g // r, r=r, s=r)
+        return cells.mean(-1)                                         # (B, N_t) in [0, 1]
+
     def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W), mask bool (B, N) -> predictions (B, N, D_t) at every patch
-        (the loss picks the masked ones)."""
+        """images (B, 3, H, W), mask bool (B, N) -> predictions (B, N_t, D_t) at every target
+        cell (the loss picks the masked ones)."""
+        if not self.is_vit:
+            B, _, H, W = images.shape
+            grid = mask.view(B, H // self.mask_patch, W // self.mask_patch)
+            fmap = self.backbone.forward_patches(images, mask=grid)     # (B, C, H/32, W/32)
+            return self.lm_head(rearrange(fmap, "b c h w -> b (h w) c"))
         x = self.backbone.forward_tokens(images, mask)[:, 1:]        # (B, N, C), cls dropped
         # 'token' students are normed inside forward_tokens (fc_norm is Identity); an 'avg'
         # student's norm is fc_norm, applied per token here. Either way: one norm per token.
@@ -297,22 +332,27 @@ class MIMModel(nn.Module):
         diagnostics: cos_visible, the mean cosine at the patches the student saw."""
         if self.teacher is None:
             raise ValueError("forward_loss needs a teacher: MIMModel(backbone, dim, teacher=Teacher(...))")
-        target = self.teacher(images)                                # (B, N, D_t), no grad
-        pred = self.predict(images, mask)                            # (B, N, D_t)
-        loss = mim_loss(pred, target, mask, denom)
+        target = self.teacher(images)                                # (B, N_t, D_t), no grad
+        pred = self.predict(images, mask)                            # (B, N_t, D_t)
+        weights = self.target_weights(mask)
+        loss = mim_loss(pred, target, weights, denom)
         with torch.no_grad():
-            cos = patch_cosine(pred, target)                         # (B, N)
-            seen = (~mask).float()                                   # no host sync (unlike .any())
+            cos = patch_cosine(pred, target)                         # (B, N_t)
+            seen = 1.0 - weights.float()                             # no host sync (unlike .any())
             visible = (cos * seen).sum() / seen.sum().clamp(min=1)
         return loss, {"cos_visible": visible}
 
     def no_weight_decay(self) -> set:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        return {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", set)()}
 
 
 def build_student(name: str, target_dim: int, teacher: Teacher | None = None, **overrides) -> MIMModel:
     """MIMModel around the eva preset `name` with a mask token and cls/'token' pooling (the
-    official MIM model: the final norm covers every token). `overrides` go to eva.build."""
+    official MIM model: the final norm covers every token), or around the metanet preset `name`
+    with a mask token. `overrides` go to eva.build / metanet.build."""
+    import metanet
+    if name in metanet.PRESETS:
+        return MIMModel(metanet.build(name, **{"use_mask_token": True, **overrides}), target_dim, teacher)
     overrides = {"use_mask_token": True, "global_pool": "token", **overrides}
     return MIMModel(eva.build(name, **overrides), target_dim, teacher)
 
@@ -323,9 +363,9 @@ def _check_loss_inputs(pred, target, mask):
     if pred.shape != target.shape or pred.ndim != 3:
         raise ValueError(f"pred and target must both be (B, N, D), got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}: is the teacher's patch_size the student's?")
-    if mask.shape != pred.shape[:2] or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool (B, N) = {tuple(pred.shape[:2])}, got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
+    if mask.shape != pred.shape[:2] or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise ValueError(f"mask must be bool (or float weights) (B, N) = {tuple(pred.shape[:2])}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
 
 
 def patch_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -344,8 +384,18 @@ def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     denom = B * num_masked (the *nominal* count of this micro-batch) makes every patch weigh the
     same however the batch is split, with no communication; it differs from EVA's mean by the
     actual/nominal ratio (about 0.995).
+
+    A float `mask` holds weights in [0, 1] (MIMModel.target_weights of a MetaNet student): the
+    weighted sum of -cos over the weight total (or over denom).
     """
     _check_loss_inputs(pred, target, mask)
+    if mask.is_floating_point():
+        total = (patch_cosine(pred, target) * mask.float()).sum()
+        if denom is None:
+            if not mask.sum() > 0:
+                raise ValueError("mim_loss got weights that are all zero: raise num_masked / mask_ratio")
+            denom = mask.float().sum()
+        return -total / denom
     cos = F.cosine_similarity(pred[mask].float(), target[mask].float(), dim=-1)   # (M,)
     if denom is None:
         if cos.numel() == 0:
@@ -392,10 +442,11 @@ def show(model: MIMModel, teacher: Teacher, images: torch.Tensor, masks: torch.T
         pred = model.predict(x, masks)                                   # (B, N, D_t)
     finally:
         model.train(was_training)
-    cos = patch_cosine(pred, teacher(x)).cpu()                           # (B, N)
+    cos = patch_cosine(pred, teacher(x)).cpu()                           # (B, N_t)
+    weights = model.target_weights(masks).float().cpu()                  # (B, N_t)
     B, _, H, W = images.shape
-    p = model.backbone.patch_size
-    gh, gw = H // p, W // p
+    p, t = model.mask_patch, model.target_patch      # mask cells and target cells (equal for EVA)
+    gh, gw, th, tw = H // p, W // p, H // t, W // t
     scale = max(1, 128 // max(H, W))
     cell = p * scale
     pad, top = 8, 28
@@ -415,17 +466,22 @@ def show(model: MIMModel, teacher: Teacher, images: torch.Tensor, masks: torch.T
         seen_draw = ImageDraw.Draw(seen)
         heat = Image.new("RGB", (panel_w, panel_h), "white")
         heat_draw = ImageDraw.Draw(heat)
+        for r in range(th):
+            for c in range(tw):
+                box = [c * t * scale, r * t * scale, (c + 1) * t * scale - 1, (r + 1) * t * scale - 1]
+                heat_draw.rectangle(box, fill=_colour(float(cos[i, r * tw + c])))
         for r in range(gh):
             for c in range(gw):
                 box = [c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1]
-                heat_draw.rectangle(box, fill=_colour(float(cos[i, r * gw + c])))
                 if m[i, r, c]:
                     seen_draw.rectangle(box, fill=(128, 128, 128))
                     heat_draw.rectangle(box, outline="black")
         canvas.paste(seen, (pad + panel_w + pad, y))
         canvas.paste(heat, (pad + 2 * (panel_w + pad), y))
-        mi = masks[i].cpu()
-        text = f"masked  {cos[i][mi].mean():+.3f}\nvisible {cos[i][~mi].mean():+.3f}"
+        w = weights[i]          # share of each target cell that is masked (0/1 for EVA)
+        masked = (cos[i] * w).sum() / w.sum().clamp(min=1e-6)
+        visible = (cos[i] * (1 - w)).sum() / (1 - w).sum().clamp(min=1e-6)
+        text = f"masked  {masked:+.3f}\nvisible {visible:+.3f}"
         draw.text((pad + 3 * (panel_w + pad), y + 4), text, fill="black")
     canvas.save(path)
     return path
@@ -455,7 +511,7 @@ def main(argv=None):
     model, cfg = stages.load_stage_model(args.show, expect_stage="mim")
     spec = args.data or (cfg.get("data") or "gvd/caption").split(",")[0]
     images = _images(spec, args.num, cfg["img_size"], args.seed)
-    gh, gw = (s // model.backbone.patch_size for s in images.shape[-2:])
+    gh, gw = (s // model.mask_patch for s in images.shape[-2:])
     num = num_masked_for(gh, gw, cfg.get("mask_ratio", RECIPE["mask_ratio"]))
     masks = random_masks(len(images), gh, gw, num, np.random.default_rng(args.seed))
     print(f"wrote {show(model, model.teacher, images, masks, args.out)}")

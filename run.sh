@@ -5,6 +5,8 @@
 #   bash run.sh adapt      Down-A rows (LP-FT, distillation) into the pipeline's table
 #   bash run.sh test       the test suite (what CI runs)
 #   bash run.sh bench      the benchmarks (bench.py); extra arguments are passed on
+# Environment: ARCH (the chain's backbone preset, default eva_demo; metanet_demo runs INTERN's own
+# backbone through every stage, MIM included), STEPS (per stage, default 120), RUNS_DIR (runs).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -24,15 +26,15 @@ export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 # Stages that do not depend on each other run two at a time, one thread each: these small models
 # use a second thread poorly (two 1-thread runs together take 1.2x one 2-thread run, not 2x).
 pipeline() {
-    local runs=${RUNS_DIR:-runs}
-    local out=$runs/demo steps=${STEPS:-120} probe_steps=60 caps="--max-train 600 --max-test 300"
+    local runs=${RUNS_DIR:-runs} tag=${ARCH:+_$ARCH}     # ARCH=metanet_demo -> runs/demo_metanet_demo
+    local out=$runs/demo$tag steps=${STEPS:-120} probe_steps=60 caps="--max-train 600 --max-test 300"
     local stage_opts=()
     if [ "$1" = "--quick" ]; then
-        out=$runs/quick steps=4 probe_steps=3 caps="--max-train 48 --max-test 24"
+        out=$runs/quick$tag steps=4 probe_steps=3 caps="--max-train 48 --max-test 24"
         stage_opts=(--no-eval)    # 4-step stages have nothing to evaluate; the tests cover evaluation
     fi
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-    local arch=eva_demo t0=$SECONDS
+    local arch=${ARCH:-eva_demo} t0=$SECONDS
     local S=("$PY" stages.py --arch "$arch" --reuse "${stage_opts[@]}")
     mkdir -p "$out/logs"
     echo "[run.sh] pipeline into $out/ (arch $arch, $steps steps per stage; stage logs in $out/logs/)"
@@ -94,9 +96,10 @@ together() {
 # Down-A on the pipeline's generalist: rows generalist+lpft, student+distill and student, merged
 # into the pipeline's table (run it after the pipeline; about 4 more minutes on 2 CPU cores).
 adapt() {
-    local out=${RUNS_DIR:-runs}/demo probe_steps=60 caps="--max-train 600 --max-test 300" adapt_opts=""
+    local tag=${ARCH:+_$ARCH}
+    local out=${RUNS_DIR:-runs}/demo$tag probe_steps=60 caps="--max-train 600 --max-test 300" adapt_opts=""
     if [ "${1:-}" = "--quick" ]; then
-        out=${RUNS_DIR:-runs}/quick probe_steps=3 caps="--max-train 48 --max-test 24"
+        out=${RUNS_DIR:-runs}/quick$tag probe_steps=3 caps="--max-train 48 --max-test 24"
         adapt_opts="--ft-epochs 0.05 --ft-min-steps 2 --distill-epochs 0.05"
     fi
     if [ ! -f "$out/generalist/last.pt" ] || [ ! -f "$out/probe/gvb.json" ]; then

@@ -40,6 +40,8 @@ of GV-D-mini, stays near chance for short runs.
 MIM (DESIGN §5.2): an EVA student with a mask token regresses the amateur image tower's
 patch features (after its image-text projection) at ~40 % block-masked patches; -cos loss over
 the nominal masked count (split-invariant); masks and crops come from each sample's own RNG.
+A MetaNet student (INTERN's backbone) is masked on 8 px cells at its stem and predicts the
+targets on its stride-32 grid, each cell weighted by its masked share (mim.MIMModel).
 The teacher is frozen: no optimizer state, no FSDP sharding. load_backbone() turns the student
 into a plain 'avg' backbone (final norm -> fc_norm, mask token dropped) for experts and probes.
 
@@ -649,15 +651,18 @@ class MIMStage(mim.MIMModel):
     """The mim stage's model (mim.MIMModel: `backbone.*`, `lm_head.*`, frozen `teacher.*`)
     with the engine's forward(batch) -> (loss, terms)."""
 
-    def __init__(self, backbone, target_dim: int, teacher: mim.Teacher, num_masked: int):
-        super().__init__(backbone, target_dim, teacher)
+    def __init__(self, backbone, target_dim: int, teacher: mim.Teacher, num_masked: int,
+                 mask_patch: int = mim.METANET_MASK_PATCH):
+        super().__init__(backbone, target_dim, teacher, mask_patch)
         self.num_masked = num_masked
 
     def forward(self, batch: dict):
         images, mask = batch["image"], batch["mask"]                  # (b, 3, H, W), (b, N)
         # the nominal count, not mask.sum(): every masked patch then weighs the same however
-        # the global batch is split over ranks and micro-batches (mim.mim_loss)
-        return self.forward_loss(images, mask, denom=images.shape[0] * self.num_masked)
+        # the global batch is split over ranks and micro-batches (mim.mim_loss). A MetaNet target
+        # cell covers (target_patch / mask_patch)^2 mask cells: the weights sum to num_masked / that.
+        per_cell = (self.target_patch // self.mask_patch) ** 2
+        return self.forward_loss(images, mask, denom=images.shape[0] * self.num_masked / per_cell)
 
 
 class _MaskAugment:
@@ -676,9 +681,6 @@ class _MaskAugment:
 
 def setup_mim(args, with_data: bool = True) -> Stage:
     import eva
-    if args.arch not in eva.PRESETS:
-        raise ValueError(f"the mim student is an EVA ViT (it needs a mask token): --arch one of "
-                         f"{', '.join(sorted(eva.PRESETS))}")
     if getattr(args, "teacher_arch", None) and not with_data:
         # rebuilding a saved run: the teacher's weights come with the checkpoint
         tower = build_backbone(args.teacher_arch, img_size=args.img_size, num_classes=0)
@@ -695,12 +697,17 @@ def setup_mim(args, with_data: bool = True) -> Stage:
         args.teacher_arch, args.teacher_dim = tcfg["arch"], proj.out_features   # -> the config
     with torch.random.fork_rng(devices=[]):              # student and lm_head: same on every rank
         torch.manual_seed(args.seed)
-        student = eva.build(args.arch, img_size=args.img_size, use_mask_token=True,
-                            global_pool="token", drop_path_rate=args.drop_path)   # as mim.build_student
-        grid = (args.img_size // student.patch_size,) * 2
+        vit = args.arch in eva.PRESETS
+        # as mim.build_student: EVA's official MIM model pools (and so norms) through the cls token
+        student = build_backbone(args.arch, img_size=args.img_size, num_classes=0, use_mask_token=True,
+                                 drop_path_rate=args.drop_path, **(dict(global_pool="token") if vit else {}))
+        teacher = mim.Teacher(tower, proj, patch_size=student.patch_size if vit else student.level_strides[-1])
+        mask_patch = student.patch_size if vit else METANET_MASK_PATCH
+        if args.img_size % mask_patch:
+            raise ValueError(f"--img-size {args.img_size} is not a multiple of the mask patch {mask_patch}")
+        grid = (args.img_size // mask_patch,) * 2
         num_masked = mim.num_masked_for(*grid, args.mask_ratio)
-        teacher = mim.Teacher(tower, proj, patch_size=student.patch_size)
-        model = MIMStage(student, teacher.out_dim, teacher, num_masked)
+        model = MIMStage(student, teacher.out_dim, teacher, num_masked, mask_patch)
     if not with_data:
         return Stage(model)
     import data
@@ -718,14 +725,14 @@ def evaluate_mim(model: MIMStage, args, device, n: int = 256) -> dict:
     import data
     ds = data.build_dataset((args.data or "gvd/caption").split(",")[0], "test", img_size=args.img_size)
     images = data.normalize(torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])).to(device)
-    grid = args.img_size // model.backbone.patch_size
+    grid = args.img_size // model.mask_patch
     masks = mim.masks_for_indices(grid, model.num_masked, args.seed, 0, range(len(images))).to(device)
     was = model.training
     model.eval()
     loss, terms = model.forward_loss(images, masks)
     model.train(was)
-    target = model.teacher(images)                                           # (n, N, D_t)
-    trivial = mim.mim_loss(target.mean((0, 1)).expand_as(target), target, masks)
+    target = model.teacher(images)                                           # (n, N_t, D_t)
+    trivial = mim.mim_loss(target.mean((0, 1)).expand_as(target), target, model.target_weights(masks))
     return {"test_loss": loss.item(), "test_loss_mean_target": trivial.item(),
             "test_cos_visible": terms["cos_visible"].item()}
 

@@ -229,9 +229,62 @@ def test_loss_ignores_unmasked_positions():
     with pytest.raises(ValueError, match="no masked patch"):
         mim.mim_loss(pred, target, mask & False)
     with pytest.raises(ValueError, match="bool"):
-        mim.mim_loss(pred, target, mask.float())
+        mim.mim_loss(pred, target, mask.long())
     with pytest.raises(ValueError, match="patch_size"):
         mim.mim_loss(pred, target[:, :6], mask)
+
+
+def test_weighted_loss_matches_float64_loop():
+    """Float weights (a MetaNet student's masked share per target cell): sum(w * -cos) / sum(w)."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, N, D = 3, 4, 6
+    pred, target = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
+    w = torch.rand(B, N, generator=g) * (torch.rand(B, N, generator=g) < 0.7)
+    w[0, 0] = 0.25
+    total = sum(-w[b, n].double() * (pred[b, n].double() @ target[b, n].double())
+                / (pred[b, n].double().norm() * target[b, n].double().norm())
+                for b in range(B) for n in range(N))
+    assert abs(mim.mim_loss(pred, target, w).item() - (total / w.double().sum()).item()) < 1e-6
+    assert abs(mim.mim_loss(pred, target, w, denom=2.0).item() - total.item() / 2) < 1e-6
+    # 0/1 weights are the bool mask
+    m = torch.rand(B, N, generator=g) < 0.5
+    m[0, 0] = True
+    assert abs(mim.mim_loss(pred, target, m.float()).item() - mim.mim_loss(pred, target, m).item()) < 1e-6
+    with pytest.raises(ValueError, match="all zero"):
+        mim.mim_loss(pred, target, w * 0)
+
+
+@torch.no_grad()
+def test_metanet_student_weights_and_hidden_pixels():
+    torch.manual_seed(fresh_seed())
+    model = mim.build_student("metanet_demo", target_dim=16).eval()
+    assert (model.mask_patch, model.target_patch) == (mim.METANET_MASK_PATCH, 32)
+    x = torch.randn(3, 3, 64, 64)
+    mask = mim.random_masks(3, 8, 8, 26, np.random.default_rng(fresh_seed()))          # (3, 64)
+    pred = model(x, mask)
+    assert pred.shape == (3, 4, 16)                                # 2 x 2 cells at stride 32
+    # each target cell's weight = the share of its 4 x 4 mask cells that are masked (loop)
+    w = model.target_weights(mask)
+    grid = mask.view(3, 8, 8)
+    for b in range(3):
+        for r in range(2):
+            for c in range(2):
+                share = grid[b, 4 * r:4 * r + 4, 4 * c:4 * c + 4].float().mean().item()
+                assert abs(w[b, r * 2 + c].item() - share) < 1e-7
+    assert torch.allclose(w.sum(1), mask.sum(1) / 16.0)
+    # noise in the masked pixels does not reach the prediction; outside them it does
+    pix = mask.view(3, 8, 8).repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
+    noisy = torch.where(pix, torch.randn_like(x) * 3, x)
+    torch.testing.assert_close(model(noisy, mask), pred, atol=1e-5, rtol=1e-5)
+    assert (model(torch.where(pix, x, torch.randn_like(x)), mask) - pred).abs().max() > 1e-3
+    # and the masked stage loss follows the weights: a teacher is needed for targets
+    teacher = mim.Teacher(ConvTower(), nn.Linear(12, 16), patch_size=32)
+    student = mim.MIMModel(model.backbone, 16, teacher)
+    loss, _ = student.forward_loss(x, mask)
+    want = mim.mim_loss(student.predict(x, mask), teacher(x), w)
+    assert abs(loss.item() - want.item()) < 1e-6
+    with pytest.raises(ValueError, match="patch_size=32"):
+        mim.MIMModel(model.backbone, 16, mim.Teacher(ConvTower(), nn.Linear(12, 16), patch_size=8))
 
 
 # ----------------------------------------------------------------------------- teacher

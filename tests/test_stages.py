@@ -385,6 +385,26 @@ def test_mim_stage_learns_and_loads_as_backbone(chain):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_mim_stage_with_a_metanet_student(tmp_path):
+    """INTERN's backbone as the MIM student: masked at the stem on 8 px cells, scored on its
+    stride-32 grid; the result initialises an expert like any backbone checkpoint."""
+    arch = ["--arch", "metanet_demo"]
+    stages.train(stages.parse_args(chain_args("amateur", tmp_path / "am", "--steps", "2", "--no-eval", *arch)))
+    stages.train(stages.parse_args(chain_args("mim", tmp_path / "mim", "--steps", "8", "--lr", "2e-3",
+                                              "--teacher", str(tmp_path / "am" / "last.pt"), *arch)))
+    log = [json.loads(line) for line in open(tmp_path / "mim" / "log.jsonl")]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05
+    assert log[-1]["test_loss"] < log[-1]["test_loss_mean_target"] + 0.5   # finite and sane
+    model, cfg = stages.load_stage_model(str(tmp_path / "mim" / "last.pt"))
+    assert (model.mask_patch, model.target_patch, cfg["teacher_arch"]) == (8, 32, "metanet_demo")
+    backbone, _ = stages.load_backbone(str(tmp_path / "mim" / "last.pt"))
+    assert "mask_token" not in backbone.state_dict()
+    torch.testing.assert_close(backbone.stem[0].weight, model.backbone.stem[0].weight)
+    stages.train(stages.parse_args(chain_args("expert", tmp_path / "cls", "--task", "cls", "--steps", "1",
+                                              "--no-eval", "--init", str(tmp_path / "mim" / "last.pt"), *arch)))
+
+
 def test_mim_masks_are_per_sample():
     """Item i's mask is a function of (seed, epoch, i): any rank or batch order gets the same."""
     args = stages.parse_args(chain_args("mim", "unused", "--steps", "1"))
