@@ -707,6 +707,9 @@ def setup_mim(args, with_data: bool = True) -> Stage:
             raise ValueError(f"--img-size {args.img_size} is not a multiple of the mask patch {mask_patch}")
         grid = (args.img_size // mask_patch,) * 2
         num_masked = mim.num_masked_for(*grid, args.mask_ratio)
+        if num_masked < 1:
+            raise ValueError(f"--mask-ratio {args.mask_ratio} masks no patch of the {grid[0]}x{grid[1]} "
+                             f"grid, so MIM has nothing to predict: use e.g. 0.4 (EVA's ratio)")
         model = MIMStage(student, teacher.out_dim, teacher, num_masked, mask_patch)
     if not with_data:
         return Stage(model)

@@ -403,6 +403,10 @@ def test_mim_stage_with_a_metanet_student(tmp_path):
     torch.testing.assert_close(backbone.stem[0].weight, model.backbone.stem[0].weight)
     stages.train(stages.parse_args(chain_args("expert", tmp_path / "cls", "--task", "cls", "--steps", "1",
                                               "--no-eval", "--init", str(tmp_path / "mim" / "last.pt"), *arch)))
+    with pytest.raises(ValueError, match="masks no patch"):
+        stages.train(stages.parse_args(chain_args("mim", tmp_path / "mim0", "--steps", "1", "--mask-ratio", "0",
+                                                  "--teacher", str(tmp_path / "am" / "last.pt"), *arch)))
+    assert not (tmp_path / "mim0" / "last.pt").exists()
 
 
 def test_mim_masks_are_per_sample():
