@@ -36,9 +36,9 @@ import eva
 
 # ----------------------------------------------------------------------------- the recipe
 
-# EVA-01's MIM pre-training (README command + run_eva_pretraining.py), as defaults for the stage.
 METANET_MASK_PATCH = 8   # px per mask cell of a MetaNet student (even: each stride-2 stem position lies in one cell)
 
+# EVA-01's MIM pre-training (README command + run_eva_pretraining.py), as defaults for the stage.
 RECIPE = dict(
     lr=1e-3,                 # at `ref_batch` images per step; scale linearly (scaled_lr)
     ref_batch=4096,
