@@ -665,6 +665,21 @@ class MIMStage(mim.MIMModel):
         return self.forward_loss(images, mask, denom=images.shape[0] * self.num_masked / per_cell)
 
 
+def mask_geometry(backbone: nn.Module, args, stage: str):
+    """-> (patch px, grid (h, w), num_masked) of a mim / hybrid stage's block masks at --img-size:
+    a ViT is masked on its patches, a MetaNet on METANET_MASK_PATCH cells."""
+    patch = backbone.patch_size if callable(getattr(backbone, "forward_tokens", None)) \
+        else METANET_MASK_PATCH
+    if args.img_size % patch:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of the mask patch {patch}")
+    grid = (args.img_size // patch,) * 2
+    num_masked = mim.num_masked_for(*grid, args.mask_ratio)
+    if num_masked < 1:
+        raise ValueError(f"--mask-ratio {args.mask_ratio} masks no patch of the {grid[0]}x{grid[1]} "
+                         f"grid, so the {stage} stage's MIM has nothing to predict: use e.g. 0.4 (EVA's ratio)")
+    return patch, grid, num_masked
+
+
 class _MaskAugment:
     """MIM sample: crop + flip (the teacher sees these same pixels) and a block mask, both from
     Augmented's per-sample rng: masks depend on (seed, epoch, index) only, not on the rank."""
@@ -702,14 +717,7 @@ def setup_mim(args, with_data: bool = True) -> Stage:
         student = build_backbone(args.arch, img_size=args.img_size, num_classes=0, use_mask_token=True,
                                  drop_path_rate=args.drop_path, **(dict(global_pool="token") if vit else {}))
         teacher = mim.Teacher(tower, proj, patch_size=student.patch_size if vit else student.level_strides[-1])
-        mask_patch = student.patch_size if vit else METANET_MASK_PATCH
-        if args.img_size % mask_patch:
-            raise ValueError(f"--img-size {args.img_size} is not a multiple of the mask patch {mask_patch}")
-        grid = (args.img_size // mask_patch,) * 2
-        num_masked = mim.num_masked_for(*grid, args.mask_ratio)
-        if num_masked < 1:
-            raise ValueError(f"--mask-ratio {args.mask_ratio} masks no patch of the {grid[0]}x{grid[1]} "
-                             f"grid, so MIM has nothing to predict: use e.g. 0.4 (EVA's ratio)")
+        mask_patch, grid, num_masked = mask_geometry(student, args, "mim")
         model = MIMStage(student, teacher.out_dim, teacher, num_masked, mask_patch)
     if not with_data:
         return Stage(model)
@@ -923,8 +931,8 @@ HYBRID_WEIGHTS = {"multilabel": 1.0, "mim": 1.0, "nce": 1.0}
 # image-text loss, can run away on an image-image loss whose two views are easy to match.
 HYBRID_TEMPERATURE = 0.2
 # MetaNet has no patches: it is masked (and the pixel loss is scored) on 8 x 8 px cells, eva_demo's
-# patch size, so both demo backbones see the same 8 x 8 grid at 64 px.
-METANET_MASK_PATCH = 8
+# patch size, so both demo backbones see the same 8 x 8 grid at 64 px (the mim stage's too).
+METANET_MASK_PATCH = mim.METANET_MASK_PATCH
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -1089,20 +1097,6 @@ class _HybridAugment:
                 "labels": sample["labels"]}
 
 
-def _hybrid_geometry(backbone: nn.Module, args):
-    """-> (grid (h, w), num_masked) of the hybrid's masks at --img-size."""
-    patch = backbone.patch_size if callable(getattr(backbone, "forward_tokens", None)) \
-        else METANET_MASK_PATCH
-    if args.img_size % patch:
-        raise ValueError(f"--img-size {args.img_size} is not a multiple of the mask patch {patch}")
-    grid = (args.img_size // patch,) * 2
-    num_masked = mim.num_masked_for(*grid, args.mask_ratio)
-    if num_masked < 1:
-        raise ValueError(f"--mask-ratio {args.mask_ratio} masks no patch of the {grid[0]}x{grid[1]} "
-                         f"grid: the hybrid's MIM term needs some (e.g. 0.4)")
-    return grid, num_masked
-
-
 def setup_hybrid(args, with_data: bool = True) -> Stage:
     if getattr(args, "teacher", None):
         raise ValueError("--teacher is for --stage mim; the hybrid stage regresses pixels, no teacher")
@@ -1122,7 +1116,7 @@ def setup_hybrid(args, with_data: bool = True) -> Stage:
         torch.manual_seed(args.seed)
         backbone = build_backbone(args.arch, img_size=args.img_size, num_classes=0,
                                   drop_path_rate=args.drop_path, use_mask_token=True)
-        grid, num_masked = _hybrid_geometry(backbone, args)
+        _, grid, num_masked = mask_geometry(backbone, args, "hybrid")
         model = Hybrid(backbone, args.num_labels, num_masked)
     if not with_data:
         return Stage(model)
