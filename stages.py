@@ -29,13 +29,14 @@ Up-A (DESIGN §5.5, DeCLIP-style): an image tower (any eva.py / metanet.py prese
 transformer over UTF-8 bytes, projections into a joint space. Each sample brings two
 augmented views and two caption variants; the loss is 0.4 * image-text InfoNCE over the
 2 x 2 view x caption pairs + 0.2 * SimSiam between the views + 0.2 * masked-byte prediction.
-Contrastive negatives come from every rank (all-gather with gradient), every other term is
-per sample, so the result does not depend on how the global batch is split over ranks (for
-BN-free backbones: MetaNet's BatchNorm normalises over each rank's share, as DDP always does).
-At the end the run classifies gvd/attr and gvd/shape test images by prompts ("a photo of a
-{class}"), logged as zeroshot_attr / zeroshot_shape with their chance levels. At demo scale
-colour and fill align within ~100 steps (attr ~19 % vs 4 % chance); shape, the hardest cue
-of GV-D-mini, stays near chance for short runs.
+Contrastive negatives and the SimSiam heads' BatchNorm statistics come from every rank
+(all-gather with gradient), every other term is per sample, so the result does not depend on
+how the global batch is split over ranks (for BN-free backbones: MetaNet's BatchNorm normalises
+over each rank's share, as DDP always does). At the end the run classifies gvd/attr and
+gvd/shape test images by prompts ("a photo of a {class}"), logged as zeroshot_attr /
+zeroshot_shape with their chance levels. Colour and fill align first; shape, the hardest cue
+of GV-D-mini, needs a conv tower and several hundred steps (README: `--arch metanet_demo
+--steps 720`).
 
 MIM (DESIGN §5.2): an EVA student with a mask token regresses the amateur image tower's
 patch features (after its image-text projection) at ~40 % block-masked patches; -cos loss over
@@ -153,7 +154,7 @@ def get_parser() -> argparse.ArgumentParser:
 # --lr / --clip-grad when not given, for the demo (batch 32, 150 steps, CPU). mim: EVA's clip 3.0;
 # EVA's lr 1e-3 is at batch 4096, but a 150-step demo needs far more (3e-4 .. 3e-3 end alike)
 STAGE_DEFAULTS = {
-    "amateur": dict(lr=2e-4, clip_grad=1.0),
+    "amateur": dict(lr=1e-3, clip_grad=1.0),
     "mim": dict(lr=1e-3, clip_grad=3.0),
     "expert": dict(lr=5e-4, clip_grad=1.0),
     "generalist": dict(lr=1e-3, clip_grad=1.0),
@@ -381,6 +382,13 @@ class TextTower(nn.Module):
         for m in self.blocks.modules():
             if isinstance(m, nn.Linear):
                 _init_linear(m)
+        # Each block's residual branches end at zero, so a fresh tower is a bag of byte n-grams
+        # and every word reaches the pooled caption from step 0. Drawn at random, the branches
+        # add context noise far larger than the 0.02-scale embeddings, which buried the shape
+        # words: the shape prompts came out nearly parallel (cosine ~0.99, README).
+        for blk in self.blocks:
+            nn.init.zeros_(blk.attn.proj.weight)
+            nn.init.zeros_(blk.mlp.fc2.weight)
 
     def block_list(self) -> list:
         return list(self.blocks)
@@ -427,17 +435,41 @@ def gather_all(x: torch.Tensor) -> torch.Tensor:
     return GatherWithGrad.apply(x)
 
 
-def _mlp(dims: list, last_norm: bool) -> nn.Sequential:
-    """Linear -> LayerNorm -> GELU stacks. LayerNorm instead of SimSiam's BatchNorm: it keeps
-    every sample's output independent of the batch, so rank count cannot change the result."""
+class GlobalBatchNorm(nn.Module):
+    """BatchNorm over the global batch: statistics of every rank's rows (all-gathered with
+    gradient), so 2 ranks x 4 samples normalise exactly as 1 rank x 8 (a SyncBatchNorm that also
+    runs on gloo). Training statistics only: the SimSiam heads it serves never run at eval."""
+
+    def __init__(self, dim: int, affine: bool = True, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:             # x (n, C)
+        every = gather_all(x)                                         # (world * n, C)
+        y = (x - every.mean(0)) / torch.sqrt(every.var(0, unbiased=False) + self.eps)
+        return y if self.weight is None else y * self.weight + self.bias
+
+
+def _mlp(dims: list, last_norm: bool, batch_norm: bool = False) -> nn.Sequential:
+    """Linear -> norm -> GELU stacks; last_norm: a norm on the output too (without affine for BN).
+    batch_norm: GlobalBatchNorm, as SimSiam needs: with LayerNorm the amateur's SimSiam
+    collapsed within ~90 steps (loss -1.0, one output for every image) and taught nothing. The
+    hybrid's InfoNCE projector keeps LayerNorm: its negatives already keep outputs apart."""
+    def norm(d: int, out: bool):
+        if batch_norm:
+            return GlobalBatchNorm(d, affine=not out)
+        return kernels.LayerNorm(d)
+
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
         layers.append(nn.Linear(a, b))
         if not last:
-            layers += [kernels.LayerNorm(b), nn.GELU()]
+            layers += [norm(b, False), nn.GELU()]
         elif last_norm:
-            layers.append(kernels.LayerNorm(b))
+            layers.append(norm(b, True))
     return nn.Sequential(*layers)
 
 
@@ -461,8 +493,8 @@ class Amateur(nn.Module):
         self.txt_proj = nn.Linear(text_width, embed_dim, bias=False)
         # log of CLIP's 1/0.07; shape (1,) rather than a scalar, which FSDP2 cannot shard
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
-        self.projector = _mlp([nf, ssl_dim, ssl_dim, ssl_dim], last_norm=True)
-        self.predictor = _mlp([ssl_dim, ssl_dim // 4, ssl_dim], last_norm=False)
+        self.projector = _mlp([nf, ssl_dim, ssl_dim, ssl_dim], last_norm=True, batch_norm=True)
+        self.predictor = _mlp([ssl_dim, ssl_dim // 4, ssl_dim], last_norm=False, batch_norm=True)
         self.mlm_head = nn.Linear(text_width, VOCAB)
         for m in [self.img_proj, self.txt_proj, self.mlm_head, *self.projector, *self.predictor]:
             if isinstance(m, nn.Linear):

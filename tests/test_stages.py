@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,8 +128,9 @@ def test_amateur_loss_terms_match_naive_reference():
         ref /= 8 * n
         assert abs(terms["clip"].item() - ref.item()) < 1e-4
 
-        z1, z2 = model.projector(f1).double(), model.projector(f2).double()
-        p1, p2 = model.predictor(z1.float()).double(), model.predictor(z2.float()).double()
+        # the heads' BatchNorm sees both views at once, as in forward()
+        z1, z2 = model.projector(torch.cat([f1, f2])).double().chunk(2)
+        p1, p2 = model.predictor(torch.cat([z1, z2]).float()).double().chunk(2)
         cos = lambda a, b: (a @ b) / (a.norm() * b.norm())  # noqa: E731
         ss = -sum(cos(p1[i], z2[i]) + cos(p2[i], z1[i]) for i in range(n)) / (2 * n)
         assert abs(terms["simsiam"].item() - ss.item()) < 1e-4
@@ -145,16 +147,22 @@ def test_amateur_loss_terms_match_naive_reference():
 
 
 def test_amateur_output_is_batch_independent():
-    """No batch statistics anywhere: a sample's embeddings do not depend on its batch-mates."""
+    """The joint-space embeddings have no batch statistics: a sample's do not depend on its
+    batch-mates. The SimSiam heads do, on purpose: they normalise over the (global) batch,
+    which is what keeps SimSiam from collapsing; the 2-rank test checks that the split over
+    ranks cannot change them."""
     torch.manual_seed(0)
     model = stages.Amateur(stages.build_backbone("eva_demo", img_size=32)).eval()
     b = _batch()
     with torch.no_grad():
-        full = model.projector(model.backbone(b["view1"]))
-        half = model.projector(model.backbone(b["view1"][:3]))
-        assert torch.allclose(full[:3], half, atol=1e-5)
+        assert torch.allclose(model.encode_image(b["view1"])[:3], model.encode_image(b["view1"][:3]), atol=1e-5)
         t_full, t_half = model.text(b["tokens"])[0], model.text(b["tokens"][:3])[0]
         assert torch.allclose(t_full[:3], t_half, atol=1e-5)
+        f = model.backbone(b["view1"])
+        z = model.projector(f)                                               # (n, S)
+        assert torch.allclose(z.mean(0), torch.zeros_like(z[0]), atol=1e-4)  # normalised over the batch
+        assert torch.allclose(z.var(0, unbiased=False), torch.ones_like(z[0]), atol=1e-2)
+        assert not torch.allclose(model.projector(f[:3]), z[:3], atol=1e-3)
 
 
 def test_param_groups_and_schedule():
@@ -311,11 +319,12 @@ def test_step_benchmark_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_amateur_learns_image_text_alignment(tmp_path):
-    """A short real run: the loss falls and zero-shot classification by prompts beats chance by
-    a wide margin and beats the untrained model. Asserted on gvd/attr (fill + colour of the
-    front object, 24 classes); gvd/shape (10 classes) is evaluated too but shape is the slowest
-    cue to emerge and stays near chance at this length (see ZERO_SHOT in stages.py)."""
-    argv = ["--arch", "metanet_demo", "--img-size", "32", "--batch-size", "32", "--steps", "70",
+    """A short real run: the loss falls, image-text InfoNCE drops below its chance level, and
+    zero-shot classification by prompts beats chance by a wide margin and beats the untrained
+    model. Asserted on gvd/attr (fill + colour of the front object, 24 classes); gvd/shape
+    (10 classes) is evaluated too, but shape needs several hundred 64 px steps to emerge (README),
+    more than a unit test can spend."""
+    argv = ["--arch", "metanet_demo", "--img-size", "32", "--batch-size", "32", "--steps", "120",
             "--warmup", "10", "--lr", "1e-3", "--data", "gvd/shape", "--log-every", "10",
             "--ckpt-every", "0", "--out", str(tmp_path)]
     args = stages.parse_args(argv)
@@ -323,8 +332,12 @@ def test_amateur_learns_image_text_alignment(tmp_path):
     metrics = stages.train(args)
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     losses = [r["loss"] for r in log if "loss" in r]
-    assert len(losses) == 7 and losses[-1] < losses[0] - 0.5
-    assert metrics["clip"] < math.log(32) - 0.25              # image-text InfoNCE below chance level
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
+    clip = [r["clip"] for r in log if "clip" in r]            # one batch each: average a few
+    assert np.mean(clip[-3:]) < np.mean(clip[:2]) - 0.2
+    assert np.mean(clip[-3:]) < math.log(32) - 0.15           # below the chance level of 32 captions
+    simsiam = [r["simsiam"] for r in log if "simsiam" in r]
+    assert -0.99 < simsiam[-1] < simsiam[0] - 0.2             # it learns, and has not collapsed to -1
     chance = metrics["zeroshot_attr_chance"]
     assert chance == pytest.approx(1 / 24)
     assert metrics["zeroshot_attr"] > 2.5 * chance
