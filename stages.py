@@ -438,7 +438,8 @@ def gather_all(x: torch.Tensor) -> torch.Tensor:
 class GlobalBatchNorm(nn.Module):
     """BatchNorm over the global batch: statistics of every rank's rows (all-gathered with
     gradient), so 2 ranks x 4 samples normalise exactly as 1 rank x 8 (a SyncBatchNorm that also
-    runs on gloo). Training statistics only: the SimSiam heads it serves never run at eval."""
+    runs on gloo). Under --accum they are one micro-batch's, as the InfoNCE negatives are.
+    Training statistics only: the SimSiam heads it serves never run at eval."""
 
     def __init__(self, dim: int, affine: bool = True, eps: float = 1e-5):
         super().__init__()
