@@ -36,7 +36,10 @@ import eva
 
 # ----------------------------------------------------------------------------- the recipe
 
-METANET_MASK_PATCH = 8   # px per mask cell of a MetaNet student (even: each stride-2 stem position lies in one cell)
+# px per mask cell of a MetaNet student or hybrid backbone (MetaNet has no patches): eva_demo's
+# patch size, so both demo backbones see the same 8 x 8 grid at 64 px; even, so each stride-2
+# stem position lies in one cell.
+METANET_MASK_PATCH = 8
 
 # EVA-01's MIM pre-training (README command + run_eva_pretraining.py), as defaults for the stage.
 RECIPE = dict(
@@ -254,13 +257,27 @@ class Teacher(nn.Module):
 
 # ----------------------------------------------------------------------------- student
 
+def is_vit(backbone: nn.Module) -> bool:
+    """A backbone with tokens (eva.py) rather than feature maps (metanet.py)."""
+    return callable(getattr(backbone, "forward_tokens", None))
+
+
+def mask_grid(backbone: nn.Module) -> tuple:
+    """-> (mask cell px, target cell px) of a masked backbone (a MIM student, the hybrid's
+    backbone). A ViT is masked and predicts on its patches; a MetaNet is masked on
+    METANET_MASK_PATCH cells at its stem and predicts on its total stride."""
+    if is_vit(backbone):
+        return backbone.patch_size, backbone.patch_size
+    return METANET_MASK_PATCH, backbone.level_strides[-1]
+
+
 class MIMModel(nn.Module):
     """The student: `backbone` with a mask token + `lm_head` Linear(C -> D_t).
 
     EVA (the paper's student): the head is EVA's, the backbone's final norm (inside
     forward_tokens) and one Linear, no decoder; masks, predictions and targets share the patch grid.
     MetaNet (INTERN's backbone; a CNN has no tokens): the mask lives on a grid of `mask_patch` px
-    (METANET_MASK_PATCH, as the hybrid stage), hidden at the stem; predictions come from the head
+    (METANET_MASK_PATCH, as the hybrid stage: `mask_grid`), hidden at the stem; predictions come from the head
     map (its BN is the final norm) at the total stride, and the teacher's targets are resized to
     that coarser grid. A target cell then counts by the share of it that was masked
     (`target_weights`), which for EVA is exactly the 0/1 mask.
@@ -272,16 +289,14 @@ class MIMModel(nn.Module):
         parameters out of the sharding (fully_shard(..., ignored_params=...)).
     """
 
-    def __init__(self, backbone: nn.Module, target_dim: int, teacher: Teacher | None = None,
-                 mask_patch: int = METANET_MASK_PATCH):
+    def __init__(self, backbone: nn.Module, target_dim: int, teacher: Teacher | None = None):
         super().__init__()
         if getattr(backbone, "mask_token", None) is None:
             raise ValueError("the student needs a mask token: build it with use_mask_token=True "
                              "(eva.build or metanet.build; or use build_student)")
-        self.is_vit = callable(getattr(backbone, "forward_tokens", None))
+        self.is_vit = is_vit(backbone)
         # mask grid and target grid, in pixels per cell; equal for a ViT
-        self.mask_patch = backbone.patch_size if self.is_vit else mask_patch
-        self.target_patch = backbone.patch_size if self.is_vit else backbone.level_strides[-1]
+        self.mask_patch, self.target_patch = mask_grid(backbone)
         if self.target_patch % self.mask_patch:
             raise ValueError(f"mask_patch {self.mask_patch} must divide the student's stride "
                              f"{self.target_patch}")

@@ -684,9 +684,8 @@ class MIMStage(mim.MIMModel):
     """The mim stage's model (mim.MIMModel: `backbone.*`, `lm_head.*`, frozen `teacher.*`)
     with the engine's forward(batch) -> (loss, terms)."""
 
-    def __init__(self, backbone, target_dim: int, teacher: mim.Teacher, num_masked: int,
-                 mask_patch: int = mim.METANET_MASK_PATCH):
-        super().__init__(backbone, target_dim, teacher, mask_patch)
+    def __init__(self, backbone, target_dim: int, teacher: mim.Teacher, num_masked: int):
+        super().__init__(backbone, target_dim, teacher)
         self.num_masked = num_masked
 
     def forward(self, batch: dict):
@@ -699,10 +698,9 @@ class MIMStage(mim.MIMModel):
 
 
 def mask_geometry(backbone: nn.Module, args, stage: str):
-    """-> (patch px, grid (h, w), num_masked) of a mim / hybrid stage's block masks at --img-size:
-    a ViT is masked on its patches, a MetaNet on METANET_MASK_PATCH cells."""
-    patch = backbone.patch_size if callable(getattr(backbone, "forward_tokens", None)) \
-        else METANET_MASK_PATCH
+    """-> (grid (h, w), num_masked) of a mim / hybrid stage's block masks at --img-size:
+    a ViT is masked on its patches, a MetaNet on METANET_MASK_PATCH cells (mim.mask_grid)."""
+    patch = mim.mask_grid(backbone)[0]
     if args.img_size % patch:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of the mask patch {patch}")
     grid = (args.img_size // patch,) * 2
@@ -710,7 +708,7 @@ def mask_geometry(backbone: nn.Module, args, stage: str):
     if num_masked < 1:
         raise ValueError(f"--mask-ratio {args.mask_ratio} masks no patch of the {grid[0]}x{grid[1]} "
                          f"grid, so the {stage} stage's MIM has nothing to predict: use e.g. 0.4 (EVA's ratio)")
-    return patch, grid, num_masked
+    return grid, num_masked
 
 
 class _MaskAugment:
@@ -749,9 +747,9 @@ def setup_mim(args, with_data: bool = True) -> Stage:
         # as mim.build_student: EVA's official MIM model pools (and so norms) through the cls token
         student = build_backbone(args.arch, img_size=args.img_size, num_classes=0, use_mask_token=True,
                                  drop_path_rate=args.drop_path, **(dict(global_pool="token") if vit else {}))
-        teacher = mim.Teacher(tower, proj, patch_size=student.patch_size if vit else student.level_strides[-1])
-        mask_patch, grid, num_masked = mask_geometry(student, args, "mim")
-        model = MIMStage(student, teacher.out_dim, teacher, num_masked, mask_patch)
+        teacher = mim.Teacher(tower, proj, patch_size=mim.mask_grid(student)[1])
+        grid, num_masked = mask_geometry(student, args, "mim")
+        model = MIMStage(student, teacher.out_dim, teacher, num_masked)
     if not with_data:
         return Stage(model)
     import data
@@ -963,9 +961,6 @@ HYBRID_WEIGHTS = {"multilabel": 1.0, "mim": 1.0, "nce": 1.0}
 # InfoNCE temperature, fixed (MoCo v3's value for ViTs). A learned scale, as in the amateur's
 # image-text loss, can run away on an image-image loss whose two views are easy to match.
 HYBRID_TEMPERATURE = 0.2
-# MetaNet has no patches: it is masked (and the pixel loss is scored) on 8 x 8 px cells, eva_demo's
-# patch size, so both demo backbones see the same 8 x 8 grid at 64 px (the mim stage's too).
-METANET_MASK_PATCH = mim.METANET_MASK_PATCH
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -1063,8 +1058,9 @@ class Hybrid(nn.Module):
         if getattr(backbone, "mask_token", None) is None:
             raise ValueError("the hybrid backbone needs a mask token: build it with use_mask_token=True")
         self.backbone, self.num_masked = backbone, num_masked
-        self.is_vit = callable(getattr(backbone, "forward_tokens", None))
-        self.patch = backbone.patch_size if self.is_vit else METANET_MASK_PATCH
+        self.is_vit = mim.is_vit(backbone)
+        # MetaNet has no patches: it is masked (and the pixel loss scored) on mim's 8 px cells
+        self.patch = mim.mask_grid(backbone)[0]
         if self.is_vit:
             dec_in, self.dec_stride = backbone.embed_dim, backbone.patch_size
             self.dec_norm = nn.Identity()                   # fc_norm (inside _masked) normalises
@@ -1149,7 +1145,7 @@ def setup_hybrid(args, with_data: bool = True) -> Stage:
         torch.manual_seed(args.seed)
         backbone = build_backbone(args.arch, img_size=args.img_size, num_classes=0,
                                   drop_path_rate=args.drop_path, use_mask_token=True)
-        _, grid, num_masked = mask_geometry(backbone, args, "hybrid")
+        grid, num_masked = mask_geometry(backbone, args, "hybrid")
         model = Hybrid(backbone, args.num_labels, num_masked)
     if not with_data:
         return Stage(model)
