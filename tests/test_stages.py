@@ -319,31 +319,41 @@ def test_step_benchmark_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_amateur_learns_image_text_alignment(tmp_path):
-    """A short real run: the loss falls, image-text InfoNCE drops below its chance level, and
-    zero-shot classification by prompts beats chance by a wide margin and beats the untrained
-    model. Asserted on gvd/attr (fill + colour of the front object, 24 classes); gvd/shape
-    (10 classes) is evaluated too, but shape needs several hundred 64 px steps to emerge (README),
-    more than a unit test can spend."""
-    argv = ["--arch", "metanet_demo", "--img-size", "32", "--batch-size", "32", "--steps", "120",
-            "--warmup", "10", "--lr", "1e-3", "--data", "gvd/shape", "--log-every", "10",
-            "--ckpt-every", "0", "--out", str(tmp_path)]
+    """The issue's demo-length run, as the README states it: metanet_demo, 64 px, gvd/caption,
+    global batch 32, 720 steps (5-7 minutes on one core, about 4 on two). The loss falls, image-text
+    InfoNCE drops below its chance level, SimSiam learns without collapsing, and zero-shot
+    classification by prompts beats chance and the untrained model: by a wide margin on gvd/attr
+    (fill + colour of the front object, 24 classes), by a modest one on gvd/shape (10 classes).
+    Measured with seeds 0 / 1 / 2, zero-shot shape is 17.8 / 13.6 / 13.8 % (README; this test, seed 0
+    on two threads: 18.6 %, the untrained model 10.4 %); the code
+    before the caption / text-init / SimSiam fix stayed at chance (9.4 / 10.2 %), below the
+    12.5 % asserted here."""
+    argv = ["--arch", "metanet_demo", "--img-size", "64", "--batch-size", "32", "--steps", "720",
+            "--data", "gvd/caption", "--log-every", "20", "--ckpt-every", "0", "--out", str(tmp_path)]
     args = stages.parse_args(argv)
     before = stages.evaluate_amateur(stages.setup_amateur(args, with_data=False).model, args, "cpu")
-    metrics = stages.train(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))     # the longest test: use both cores
+    try:
+        metrics = stages.train(args)
+    finally:
+        torch.set_num_threads(threads)
+    print({k: round(v, 3) for k, v in metrics.items()}, "untrained:", before)   # shown with pytest -rP
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     losses = [r["loss"] for r in log if "loss" in r]
-    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
+    assert len(losses) == 36 and np.mean(losses[-3:]) < losses[0] - 0.7
     clip = [r["clip"] for r in log if "clip" in r]            # one batch each: average a few
-    assert np.mean(clip[-3:]) < np.mean(clip[:2]) - 0.2
-    assert np.mean(clip[-3:]) < math.log(32) - 0.15           # below the chance level of 32 captions
+    assert np.mean(clip[-5:]) < np.mean(clip[:2]) - 0.5
+    assert np.mean(clip[-5:]) < math.log(32) - 0.8            # well below the chance level of 32 captions
     simsiam = [r["simsiam"] for r in log if "simsiam" in r]
-    assert -0.99 < simsiam[-1] < simsiam[0] - 0.2             # it learns, and has not collapsed to -1
-    chance = metrics["zeroshot_attr_chance"]
-    assert chance == pytest.approx(1 / 24)
-    assert metrics["zeroshot_attr"] > 2.5 * chance
-    assert metrics["zeroshot_attr"] > before["zeroshot_attr"] + 0.05
-    assert 0 <= metrics["zeroshot_shape"] <= 1 and metrics["zeroshot_shape_chance"] == pytest.approx(0.1)
-    assert log[-1]["zeroshot_attr"] == metrics["zeroshot_attr"]        # the evaluation is logged
+    assert -0.99 < np.mean(simsiam[-5:]) < simsiam[0] - 0.2   # it learns, and has not collapsed to -1
+    assert metrics["zeroshot_attr_chance"] == pytest.approx(1 / 24)
+    assert metrics["zeroshot_attr"] > 3 * metrics["zeroshot_attr_chance"]
+    assert metrics["zeroshot_attr"] > before["zeroshot_attr"] + 0.08
+    assert metrics["zeroshot_shape_chance"] == pytest.approx(0.1)
+    assert metrics["zeroshot_shape"] > 1.25 * metrics["zeroshot_shape_chance"]
+    assert metrics["zeroshot_shape"] > before["zeroshot_shape"] + 0.02
+    assert log[-1]["zeroshot_shape"] == metrics["zeroshot_shape"]      # the evaluation is logged
 
 
 # ----------------------------------------------------------------------------- 2 ranks (gloo)
