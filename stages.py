@@ -36,7 +36,9 @@ over each rank's share, as DDP always does). At the end the run classifies gvd/a
 gvd/shape test images by prompts ("a photo of a {class}"), logged as zeroshot_attr /
 zeroshot_shape with their chance levels. Colour and fill align first; shape, the hardest cue
 of GV-D-mini, needs a conv tower and several hundred steps (README: `--arch metanet_demo
---steps 720`).
+--steps 720`). `--lock-image` (LiT) freezes the image tower, random or from `--init` (any stage's
+checkpoint of the same arch), and trains the text side alone: how much of the tower's shape
+knowledge the prompts can reach.
 
 MIM (DESIGN §5.2): an EVA student with a mask token regresses the amateur image tower's
 patch features (after its image-text projection) at ~40 % block-masked patches; -cos loss over
@@ -126,6 +128,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="checkpoint whose backbone initialises ours")
     p.add_argument("--teacher", default=None, help="mim: the amateur checkpoint whose image tower "
                    "gives the regression targets")
+    p.add_argument("--lock-image", action="store_true",
+                   help="amateur: freeze the image tower (random, or from --init) in eval mode and train "
+                        "only the text tower and the heads (LiT, locked-image tuning): what the text "
+                        "side makes of a given tower")
     p.add_argument("--mask-ratio", type=float, default=0.4, help="mim / hybrid: share of patches masked")
     p.add_argument("--experts", default=None, metavar="TASK=CKPT,...",
                    help="generalist: the expert checkpoints, e.g. cls=runs/expert_cls/last.pt,det=...")
@@ -181,6 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.arch, args.img_size = cfgs[args.main]["arch"], cfgs[args.main]["img_size"]
     if args.steps < 1 or args.batch_size < 1 or args.accum < 1:
         raise ValueError("--steps, --batch-size and --accum must be >= 1")
+    if args.lock_image and args.stage != "amateur":
+        raise ValueError("--lock-image is for --stage amateur (it freezes the amateur's image tower)")
     if args.zero and args.fsdp:
         raise ValueError("--zero and --fsdp are alternatives (FSDP already shards the optimizer "
                          "state): pick one")
@@ -485,9 +493,13 @@ class Amateur(nn.Module):
     WEIGHTS = {"clip": 0.4, "simsiam": 0.2, "mlm": 0.2}   # DESIGN §5.5 (DeCLIP's weights)
 
     def __init__(self, backbone: nn.Module, embed_dim: int = 128, text_width: int = 128,
-                 text_depth: int = 2, ssl_dim: int = 256):
+                 text_depth: int = 2, ssl_dim: int = 256, lock_image: bool = False):
         super().__init__()
         self.backbone = backbone
+        # LiT: a locked tower has no gradient and stays in eval mode (BN statistics, drop path)
+        self.lock_image = lock_image
+        if lock_image:
+            backbone.requires_grad_(False).eval()
         self.text = TextTower(text_width, text_depth)
         nf = backbone.num_features
         self.img_proj = nn.Linear(nf, embed_dim, bias=False)
@@ -500,6 +512,12 @@ class Amateur(nn.Module):
         for m in [self.img_proj, self.txt_proj, self.mlm_head, *self.projector, *self.predictor]:
             if isinstance(m, nn.Linear):
                 _init_linear(m)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.lock_image:
+            self.backbone.eval()
+        return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> unit vectors (B, D) in the joint space."""
@@ -620,7 +638,7 @@ def setup_amateur(args, with_data: bool = True) -> Stage:
         torch.manual_seed(args.seed)
         backbone = build_backbone(args.arch, img_size=args.img_size, num_classes=0,
                                   drop_path_rate=args.drop_path)
-        model = Amateur(backbone)
+        model = Amateur(backbone, lock_image=getattr(args, "lock_image", False))
     if not with_data:
         return Stage(model)
     import data
@@ -1556,8 +1574,10 @@ def config_diff(args, config: dict) -> list:
     """The command-line options on which a saved config and `args` disagree (derived entries such
     as teacher_arch or num_classes follow from the options; --out/--resume/--reuse/--workers do
     not change the result)."""
-    keys = [k for k in vars(get_parser().parse_args([])) if k not in REUSE_IGNORES]
-    return [k for k in keys if config.get(k) != getattr(args, k)]
+    defaults = vars(get_parser().parse_args([]))
+    keys = [k for k in defaults if k not in REUSE_IGNORES]
+    # an option added after a run was saved counts as its default there (what that run used)
+    return [k for k in keys if config.get(k, defaults[k]) != getattr(args, k)]
 
 
 def reuse_checkpoint(args, ckpt_path: str) -> bool:
