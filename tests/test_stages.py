@@ -6,6 +6,7 @@ after another in the same gloo process group, the last one through `stages.main(
 CLI path, ending with destroy_process_group + os._exit). Each is compared with a 1-rank run of
 the same global batch made in the test process.
 """
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,17 @@ def assert_same_params(a, b, atol=2e-5):
 
 def changed(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@contextlib.contextmanager
+def both_cores():
+    """The long demo-length runs use both cores of a CI box (the suite runs on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -332,12 +344,8 @@ def test_amateur_learns_image_text_alignment(tmp_path):
             "--data", "gvd/caption", "--log-every", "20", "--ckpt-every", "0", "--out", str(tmp_path)]
     args = stages.parse_args(argv)
     before = stages.evaluate_amateur(stages.setup_amateur(args, with_data=False).model, args, "cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))     # the longest test: use both cores
-    try:
+    with both_cores():
         metrics = stages.train(args)
-    finally:
-        torch.set_num_threads(threads)
     print({k: round(v, 3) for k, v in metrics.items()}, "untrained:", before)   # shown with pytest -rP
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -396,17 +404,13 @@ def test_prompts_reach_the_shape_a_locked_tower_holds(tmp_path):
     the text tower and prompts turn most of a tower's shape into zero-shot accuracy within
     minutes; what the amateur lacks at this length is shape in its own tower."""
     small = ["--arch", "metanet_demo", "--img-size", "64", "--batch-size", "32", "--ckpt-every", "0"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    try:
+    with both_cores():
         tower = stages.train(stages.parse_args(["--stage", "expert", "--task", "cls", "--data", "gvd/shape",
                                                 "--steps", "300", "--lr", "3e-3", "--out", str(tmp_path / "t"),
                                                 *small]))
         lit = stages.train(stages.parse_args(["--stage", "amateur", "--steps", "300", "--lock-image",
                                               "--init", str(tmp_path / "t" / "last.pt"),
                                               "--out", str(tmp_path / "lit"), *small]))
-    finally:
-        torch.set_num_threads(threads)
     print("tower top-1", tower["gvd/shape top1"], "zero-shot", lit["zeroshot_shape"])   # pytest -rP
     assert tower["gvd/shape top1"] > 0.25
     assert lit["zeroshot_shape"] > 1.6 * lit["zeroshot_shape_chance"]
