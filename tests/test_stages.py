@@ -377,17 +377,18 @@ def test_lock_image_trains_only_the_text_side_of_a_given_tower(tmp_path):
     args = stages.parse_args(tiny(locked, *small, "--init", str(sup / "last.pt"), "--lock-image"))
     stages.train(args)
     tower = stages.backbone_state(params(sup))
-    after = params(locked)
+    ck = stages.load_checkpoint(str(locked / "last.pt"))
+    after = ck["model"]
     got = stages.backbone_state(after)
     assert got.keys() == tower.keys() and any("running_var" in k for k in got)
     for k in tower:
         assert torch.equal(got[k], tower[k]), k
-    init = stages.setup_amateur(args, with_data=False).model.state_dict()
+    fresh = stages.setup_amateur(args, with_data=False).model
+    init = fresh.state_dict()
     for part in ("text.", "txt_proj.", "img_proj."):
         assert changed({k: v for k, v in init.items() if k.startswith(part)},
                        {k: v for k, v in after.items() if k.startswith(part)}) > 1e-4, part
-    ck = stages.load_checkpoint(str(locked / "last.pt"))
-    named = list(stages.setup_amateur(args, with_data=False).model.named_parameters())
+    named = list(fresh.named_parameters())
     optimised = sum(len(g["params"]) for g in ck["optimizer"]["param_groups"])
     assert optimised == sum(not k.startswith("backbone.") for k, _ in named) < len(named)
     assert ck["config"]["lock_image"] is True
